@@ -1,0 +1,176 @@
+"""The `qthink` command: one subcommand per pipeline stage (DESIGN.md contract 4).
+
+`fit`, `validate` and `test` are LightningCLI (`qthink.train_cli`); every other subcommand lives in the
+module that implements it, which exposes `add_cli_arguments(parser)` and `cli_main(args) -> int | None`.
+User mistakes raise `qthink.errors.UserError` and are printed here as one line, exit status 2.
+"""
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from qthink.errors import UserError
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "tiny-base": ("qthink.cli", "build the embedded tiny Qwen3 base model (no network)"),
+    "init": ("qthink.cli", "wrap a base model with a fresh projection head as a seed-format checkpoint"),
+    "generate": ("qthink.cli", "answer questions with latent reasoning (JSON lines out)"),
+    "rollouts": ("qthink.teachers.rollouts", "sample G chain-of-thought rollouts per problem"),
+    "teachers": ("qthink.teachers.extract", "extract the teacher hidden-state store from rollouts"),
+    "export": ("qthink.export", "merge a Lightning checkpoint's LoRA and write a seed-format checkpoint"),
+    "eval": ("qthink.evaluate", "evaluate checkpoints / base models on a benchmark"),
+    "demo": ("qthink.demo", "the whole method end to end on a tiny model, on CPU"),
+    "bench": ("qthink.bench", "measure speed and memory against the seed recipe and alternatives"),
+}
+LIGHTNING = ("fit", "validate", "test")
+
+
+def quiet_libraries() -> None:
+    """Silence per-call progress bars and advisories from transformers/hub that bury qthink's own output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+# ---- the foundation's own subcommands ----
+
+def add_tiny_base_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="seed for the weights and the tokenizer corpus")
+    p.add_argument("--hidden-size", type=int, default=128, help="hidden size (heads = hidden/32)")
+    p.add_argument("--layers", type=int, default=4, help="number of decoder layers")
+
+
+def tiny_base_main(args) -> None:
+    from qthink.tiny import build_tiny_base
+
+    out = build_tiny_base(args.out, args.seed, args.hidden_size, args.layers)
+    print(f"wrote tiny Qwen3 base to {out}")
+
+
+def add_init_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="base model directory or Hugging Face repo id (e.g. Qwen/Qwen3-1.7B)")
+    p.add_argument("out", help="output checkpoint directory")
+    p.add_argument("--seed", type=int, default=0, help="seed for the head's initial weights")
+    p.add_argument("--latent-steps", type=int, default=6, help="K recorded in qthink.json")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
+
+
+def init_main(args) -> None:
+    from qthink.model import init_checkpoint
+
+    if args.latent_steps < 0:
+        raise UserError(f"--latent-steps must be >= 0 (got {args.latent_steps})")
+    out = init_checkpoint(args.base, args.out, args.seed, args.latent_steps, args.trust_remote_code)
+    print(f"wrote seed-format checkpoint to {out}")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="seed-format checkpoint directory or Hugging Face repo id")
+    p.add_argument("-q", "--question", nargs="+", default=[], help="question(s) to answer")
+    p.add_argument("--input", help="JSON lines file with a `question` field per line")
+    p.add_argument("--latent-steps", type=int, default=None, help="K (default: the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer token budget")
+    p.add_argument("--batch-size", type=int, default=16, help="questions decoded together")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
+
+
+def read_questions(path: str) -> list[str]:
+    import json
+
+    questions = []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); one object per line") from e
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+            raise UserError(f"{path}:{n}: needs a string field `question`")
+        questions.append(record["question"])
+    return questions
+
+
+def generate_main(args) -> None:
+    import json
+
+    import torch
+
+    from qthink.compat import default_device
+    from qthink.model import QThink, parse_dtype
+
+    questions = list(args.question) + (read_questions(args.input) if args.input else [])
+    if not questions:
+        raise UserError("no questions given: pass -q QUESTION or --input FILE.jsonl")
+    device = torch.device(args.device) if args.device else default_device()
+    qt = QThink.from_pretrained(args.ckpt, parse_dtype(args.dtype), device, args.trust_remote_code)
+    for r in qt.generate(questions, args.latent_steps, args.max_new_tokens, args.batch_size):
+        print(json.dumps({"question": r["question"], "answer": r["answer"], "token_ids": r["token_ids"]}), flush=True)
+
+
+LOCAL = {
+    "tiny-base": (add_tiny_base_arguments, tiny_base_main),
+    "init": (add_init_arguments, init_main),
+    "generate": (add_generate_arguments, generate_main),
+}
+
+
+def top_level_help() -> str:
+    lines = ["usage: qthink COMMAND [ARGS...]   (qthink COMMAND --help for a command's options)", "", "commands:"]
+    for name in LIGHTNING:
+        lines.append(f"  {name:<10} LightningCLI {name} -c CONFIG.yaml [--ckpt_path last]")
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand; only that subcommand's module is imported."""
+    module, help_text = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"qthink {name}", description=help_text)
+    add_arguments = LOCAL[name][0] if name in LOCAL else importlib.import_module(module).add_cli_arguments
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(top_level_help())
+        return 0 if argv else 1
+    name = argv[0]
+    if name not in COMMANDS and name not in LIGHTNING:
+        print(f"qthink: error: unknown command {name!r}; known: {', '.join([*LIGHTNING, *COMMANDS])}", file=sys.stderr)
+        return 2
+    try:
+        quiet_libraries()
+        if name in LIGHTNING:
+            from qthink.train_cli import run_lightning_cli
+
+            run_lightning_cli(argv)
+            return 0
+        args = command_parser(name).parse_args(argv[1:])
+        run = LOCAL[name][1] if name in LOCAL else importlib.import_module(COMMANDS[name][0]).cli_main
+        return int(run(args) or 0)
+    except UserError as e:
+        print(f"qthink: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qthink: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""The latent loop: ProjectionHead and the one implementation of prompt -> K latent steps -> answer.
+
+Training (`think` + `answer_hidden` + `answer_loss`, with gradients), validation, inference, evaluation,
+rollouts and benchmarks (`generate`, under `torch.inference_mode`) all run through these functions.
+
+Sequence layout (DESIGN.md contract 1): a batch of left-padded prompts, then K latent positions, then the
+answer. Every decoder call gets the running attention mask and explicit `position_ids` derived from it, so
+a row's result does not depend on the padding its batch needs (CODI attends to left padding; Coconut has
+no cache). The hidden state everywhere is the post-final-norm last-layer state (`last_hidden_state`).
+The decoder is called without its LM head: vocabulary logits are built only where a token is predicted.
+HF gradient checkpointing must stay off on this path: it silently drops the KV cache in training mode.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from qthink.compat import cache_kwargs, new_cache
+
+
+class ProjectionHead(nn.Module):
+    """Linear(H,H) -> GELU -> Linear(H,H) -> LayerNorm(H); state-dict keys `mlp.0.*`, `mlp.2.*`, `mlp.3.*`
+    as in the seed's published checkpoint."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size),
+            nn.GELU(),
+            nn.Linear(hidden_size, hidden_size),
+            nn.LayerNorm(hidden_size),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(x)
+
+
+def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(decoder, lm_head, input embeddings) of a causal LM, PEFT-wrapped or not."""
+    return model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that count only attended tokens, so left padding does not shift RoPE positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class LatentState:
+    """What the prompt and the latent steps leave behind for the answer."""
+
+    cache: object  # transformers DynamicCache holding prompt + latent keys/values
+    mask: Tensor  # [B, capacity] preallocated attention mask; columns < length are live
+    length: int  # number of live columns (prompt + latents [+ decoded tokens])
+    next_position: Tensor  # [B] RoPE position of the next token of each row
+    hidden: Tensor  # [B, H] the state the next token is predicted from
+    latents: Tensor  # [B, K, H] hidden state of each latent step (what the per-step L1 is taken on)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return self.mask[:, : self.length]
+
+    def repeat_interleave(self, n: int) -> "LatentState":
+        """Each row repeated n times (rows 0,0,..,1,1,..): G samples share one prompt prefill."""
+        if n == 1:
+            return self
+        self.cache.batch_repeat_interleave(n)
+        return LatentState(
+            self.cache,
+            self.mask.repeat_interleave(n, 0),
+            self.length,
+            self.next_position.repeat_interleave(n, 0),
+            self.hidden.repeat_interleave(n, 0),
+            self.latents.repeat_interleave(n, 0),
+        )
+
+
+def _decode_step(decoder: nn.Module, state: LatentState, embeds: Tensor) -> Tensor:
+    """Append one position per row (given as input embeddings) and return its hidden state [B, H]."""
+    state.length += 1
+    out = decoder(
+        inputs_embeds=embeds.unsqueeze(1),
+        attention_mask=state.attention_mask,
+        position_ids=state.next_position.unsqueeze(1),
+        **cache_kwargs(decoder, state.cache),
+    )
+    state.next_position = state.next_position + 1
+    return out.last_hidden_state[:, -1]
+
+
+def think(
+    model: nn.Module,
+    head: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    latent_steps: int,
+    reserve: int = 0,
+) -> LatentState:
+    """Prefill left-padded prompts, then run `latent_steps` latent passes.
+
+    Latent step k feeds `head(h_{k-1})` back as an input embedding (h_0 = the prompt's last state) and
+    records its output state h_k. `reserve` preallocates mask columns for tokens decoded afterwards.
+    Gradients flow through every step when called with grad enabled.
+    """
+    decoder, _, embed = model_parts(model)
+    batch, prompt_len = input_ids.shape
+    mask = attention_mask.new_ones(batch, prompt_len + latent_steps + reserve)
+    mask[:, :prompt_len] = attention_mask
+    kv_cache = new_cache(model.config)
+    out = decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions_from_mask(attention_mask),
+        **cache_kwargs(decoder, kv_cache),
+    )
+    hidden = out.last_hidden_state[:, -1]
+    state = LatentState(kv_cache, mask, prompt_len, attention_mask.long().sum(-1), hidden, hidden[:, None, :0])
+    latents = []
+    for _ in range(latent_steps):
+        hidden = _decode_step(decoder, state, head(hidden).to(embed.weight.dtype))
+        latents.append(hidden)
+    if latents:
+        state.latents = torch.stack(latents, 1)
+    state.hidden = hidden
+    return state
+
+
+def answer_hidden(model: nn.Module, state: LatentState, answer_ids: Tensor, answer_mask: Tensor) -> Tensor:
+    """Teacher-forced answer pass after `think`: the states that predict each answer token, [B, A, H].
+
+    Token j of the answer is predicted from the state before it: the last latent (or prompt) state for
+    j = 0, the answer's own state j-1 after that, so the last answer token is never fed in.
+    """
+    decoder, _, embed = model_parts(model)
+    if answer_ids.shape[1] <= 1:
+        return state.hidden[:, None]
+    fed = answer_ids[:, :-1]
+    mask = torch.cat([state.attention_mask, answer_mask[:, :-1].to(state.mask.dtype)], 1)
+    positions = state.next_position[:, None] + torch.arange(fed.shape[1], device=fed.device)
+    out = decoder(
+        inputs_embeds=embed(fed),
+        attention_mask=mask,
+        position_ids=positions,
+        **cache_kwargs(decoder, state.cache),
+    )
+    return torch.cat([state.hidden[:, None], out.last_hidden_state], 1)
+
+
+def _ce_sum(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+
+
+def answer_loss(hidden: Tensor, lm_head: nn.Module, targets: Tensor, chunk_tokens: int = 4096) -> tuple[Tensor, Tensor]:
+    """Summed float32 cross-entropy of `targets` (-100 = ignore) and the number of counted tokens.
+
+    Logits are built `chunk_tokens` rows at a time and recomputed in backward (checkpointed), so the
+    [tokens, vocab] matrix (151,936 columns for Qwen3) never exists whole.
+    """
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    keep = targets != -100
+    hidden, targets = hidden[keep], targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_tokens):
+        h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_ce_sum, h, lm_head.weight, t, use_reentrant=False)
+        else:
+            total = total + _ce_sum(h, lm_head.weight, t)
+    return total, keep.sum()
+
+
+# ---- sampling: counter-based noise, so a row's sample depends on its seed and step, not its batch ----
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shr(x: Tensor, n: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def _splitmix(x: Tensor) -> Tensor:
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def counter_uniform(seeds: Tensor, step: int, size: int) -> Tensor:
+    """[B, size] uniforms in (0, 1) from a splitmix64 hash of (row seed, step, column)."""
+    cols = torch.arange(size, device=seeds.device, dtype=torch.int64)
+    x = _splitmix(seeds.long()[:, None] * _GOLDEN + _splitmix(torch.tensor(step, device=seeds.device)))
+    x = _splitmix(x + cols[None] * _GOLDEN)
+    return (_shr(x, 11).double() + 0.5) / float(1 << 53)
+
+
+def row_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (e.g. run seed, problem index, sample index), stable across runs."""
+    x = 0
+    for p in parts:
+        x = (x * 0x100000001B3 + (p & _MASK64) + 0x9E3779B97F4A7C15) & _MASK64
+        x ^= x >> 29
+    return x & ((1 << 63) - 1)
+
+
+@dataclass
+class Sampler:
+    """Temperature / top-k / top-p sampling by the Gumbel-max trick on per-row counter noise."""
+
+    seeds: Tensor  # [B] int64, one per output row
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+
+    def __call__(self, logits: Tensor, step: int) -> Tensor:
+        logits = logits.float() / max(self.temperature, 1e-6)
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = logits.sort(-1, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            drop_sorted = cumulative - sorted_logits.softmax(-1) > self.top_p  # keeps at least the top token
+            drop = drop_sorted.scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        gumbel = -torch.log(-torch.log(counter_uniform(self.seeds, step, logits.shape[-1])))
+        return (logits.double() + gumbel).argmax(-1)
+
+
+@dataclass
+class Generation:
+    tokens: Tensor  # [B, T] generated ids, pad after a row's EOS
+    lengths: Tensor  # [B] generated tokens per row, EOS included
+    finished: Tensor  # [B] whether the row emitted EOS within the budget
+    latents: Tensor  # [B, K, H] latent states (logit-lens inspection, tests)
+
+
+@torch.inference_mode()
+def decode(
+    model: nn.Module,
+    state: LatentState,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    sampler: Sampler | None = None,
+) -> Generation:
+    """Greedy (or sampled) decoding from `state` with per-row EOS stop; one host sync per token."""
+    decoder, lm_head, embed = model_parts(model)
+    batch = state.hidden.shape[0]
+    device = state.hidden.device
+    tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    hidden = state.hidden
+    for step in range(max_new_tokens):
+        logits = lm_head(hidden)
+        token = logits.argmax(-1) if sampler is None else sampler(logits, step)
+        token = token.masked_fill(finished, pad_token_id)
+        tokens[:, step] = token
+        lengths += (~finished).long()
+        finished |= token == eos_token_id
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        if state.length >= state.mask.shape[1]:  # capacity exhausted (caller reserved too little)
+            state.mask = torch.cat([state.mask, state.mask.new_ones(batch, max_new_tokens)], 1)
+        hidden = _decode_step(decoder, state, embed(token))
+    width = int(lengths.max()) if batch else 0
+    return Generation(tokens[:, :width], lengths, finished, state.latents)
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    head: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    latent_steps: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    sampler: Sampler | None = None,
+    num_samples: int = 1,
+) -> Generation:
+    """Prompt -> K latent steps -> answer, for a batch of left-padded prompts.
+
+    K = 0 is plain decoding (the base model with or without its chain of thought, depending on the
+    prompt). With `num_samples` > 1 the prompt is prefilled once and its cache expanded, rows ordered
+    (prompt 0 sample 0, prompt 0 sample 1, ...); `sampler.seeds` then has one seed per output row.
+    """
+    state = think(model, head, input_ids, attention_mask, latent_steps, reserve=max_new_tokens)
+    state = state.repeat_interleave(num_samples)
+    return decode(model, state, max_new_tokens, eos_token_id, pad_token_id, sampler)

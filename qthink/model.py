@@ -1,0 +1,246 @@
+"""`QThink`: a base causal LM plus the projection head, in the seed's checkpoint format.
+
+The seed-format checkpoint (DESIGN.md contract 3) is a directory `AutoModelForCausalLM.from_pretrained`
+loads (merged LoRA), plus `projection_head.pt` (state dict, keys `mlp.0.*`, `mlp.2.*`, `mlp.3.*`),
+`projection_head.safetensors` (the same tensors) and `qthink.json` (K, hidden size, how it was trained).
+The seed's own usage snippet runs unchanged on a directory written by `save_pretrained`.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from qthink.errors import UserError, require
+from qthink.latent import ProjectionHead, Sampler, generate, row_seed
+
+HEAD_PT, HEAD_ST, META = "projection_head.pt", "projection_head.safetensors", "qthink.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None or name == "auto":
+        return None
+    require(name in DTYPES, f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_base(path_or_repo: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) from a local directory or a Hugging Face repo id, with a one-line error."""
+    local = Path(path_or_repo)
+    if local.exists():
+        require(local.is_dir(), f"{local} is a file; give the model directory")
+        require((local / "config.json").is_file(), f"{local} has no config.json: it is not a model directory")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path_or_repo), dtype=dtype or "auto", trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path_or_repo), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        where = "local directory" if local.exists() else "local directory or reachable Hugging Face repo"
+        raise UserError(f"cannot load model {path_or_repo!r} ({where}): {str(e).splitlines()[0]}") from e
+    if dtype is None and model.dtype == torch.float16 and not torch.cuda.is_available():
+        model = model.float()  # fp16 matmuls are slow or missing on CPU
+    require(tokenizer.eos_token_id is not None, f"tokenizer of {path_or_repo} has no EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
+
+
+def _fetch(path_or_repo: str, filename: str) -> Path | None:
+    """A checkpoint file from a local directory or, for a repo id, from the hub; None if absent."""
+    local = Path(path_or_repo)
+    if local.exists():
+        return local / filename if (local / filename).is_file() else None
+    require(not (local.is_absolute() or path_or_repo.startswith(".") or path_or_repo.count("/") > 1),
+            f"{path_or_repo}: no such directory")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(path_or_repo, filename))
+    except EntryNotFoundError:
+        return None
+    except Exception as e:  # no network, unknown repo, auth
+        raise UserError(f"cannot fetch {filename} from {path_or_repo!r}: {str(e).splitlines()[0]}") from e
+
+
+def load_head_state(path: Path) -> dict[str, torch.Tensor]:
+    """A head state dict from safetensors or a `weights_only` torch file, with errors naming the file."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is corrupt or not a projection head ({type(e).__name__}); re-export it") from e
+    require(isinstance(state, dict), f"{path} does not hold a state dict")
+    return state
+
+
+def build_head(state: dict[str, torch.Tensor], hidden_size: int, source: Path) -> ProjectionHead:
+    head = ProjectionHead(hidden_size)
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    require(set(got) == set(expected), f"{source}: keys {sorted(got)} are not a ProjectionHead's {sorted(expected)}")
+    for k, shape in expected.items():
+        require(got[k] == shape, f"{source}: {k} has shape {got[k]} but the model's hidden size {hidden_size} needs {shape}")
+    head.load_state_dict(state)
+    return head
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, questions: list[str], enable_thinking: bool = False) -> list[list[int]]:
+    """Token ids of each question as one user turn with the generation prompt (DESIGN.md contract 1)."""
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+        )
+        for q in questions
+    ]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+    return Batch(ids.to(device), mask.to(device))
+
+
+class QThink(nn.Module):
+    """Base model + projection head; `generate` runs the shared latent loop in batches."""
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, head: ProjectionHead,
+                 latent_steps: int = 6, info: dict | None = None):
+        super().__init__()
+        self.model, self.tokenizer, self.head = model, tokenizer, head
+        self.latent_steps = latent_steps
+        self.info = info or {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, trust_remote_code: bool = False) -> "QThink":
+        """Load a seed-format checkpoint from a local directory or a Hugging Face repo id."""
+        path_or_repo = str(path_or_repo)
+        local = Path(path_or_repo)
+        if local.exists():
+            require(local.is_dir(), f"{local} is a file; give the checkpoint directory")
+            require((local / "config.json").is_file(), f"{local} is not a qthink checkpoint (no config.json); "
+                    "create one with `qthink init BASE OUT` or `qthink export`")
+        head_file = _fetch(path_or_repo, HEAD_ST) or _fetch(path_or_repo, HEAD_PT)
+        require(head_file is not None, f"{path_or_repo} has no {HEAD_ST} or {HEAD_PT}: it is a base model, not a "
+                "qthink checkpoint; wrap it with `qthink init BASE OUT`")
+        meta_file = _fetch(path_or_repo, META)
+        info = {}
+        if meta_file is not None:
+            try:
+                info = json.loads(meta_file.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{meta_file} is not valid JSON (line {e.lineno}); re-export the checkpoint") from e
+        model, tokenizer = load_base(path_or_repo, dtype, trust_remote_code)
+        head = build_head(load_head_state(head_file), model.config.hidden_size, head_file)
+        qt = cls(model, tokenizer, head.to(model.dtype).eval(), int(info.get("latent_steps", 6)), info)
+        return qt.to(device) if device is not None else qt
+
+    def save_pretrained(self, out: str | Path, extra_info: dict | None = None) -> Path:
+        """Write the seed-format checkpoint; the directory appears whole or not at all."""
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+            torch.save(state, tmp / HEAD_PT)
+            save_file(state, str(tmp / HEAD_ST))
+            info = {"format": "qthink-seed-v1", "latent_steps": self.latent_steps,
+                    "hidden_size": self.head.hidden_size, "hidden_state": "post-norm last layer",
+                    **self.info, **(extra_info or {})}
+            (tmp / META).write_text(json.dumps(info, indent=2) + "\n")
+            if out.exists():
+                old = out.with_name(f".{out.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    def check_request(self, prompt_lengths: list[int], latent_steps: int, max_new_tokens: int) -> None:
+        require(latent_steps >= 0, f"--latent-steps must be >= 0 (got {latent_steps})")
+        require(max_new_tokens > 0, f"--max-new-tokens must be > 0 (got {max_new_tokens})")
+        longest = max(prompt_lengths)
+        need = longest + latent_steps + max_new_tokens
+        require(need <= self.context_length, f"a question of {longest} prompt tokens + {latent_steps} latent steps + "
+                f"{max_new_tokens} new tokens exceeds the model's context of {self.context_length}; "
+                "shorten the question or lower --max-new-tokens")
+
+    def generate(self, questions: list[str], latent_steps: int | None = None, max_new_tokens: int = 256,
+                 batch_size: int = 16, enable_thinking: bool = False, sampler_seed: int | None = None,
+                 temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20, progress=None) -> list[dict]:
+        """Answers for `questions`: dicts with `question`, `answer`, `token_ids`, `finished`.
+
+        Batches are formed from questions of similar length (less padding); results do not depend on
+        batching. Greedy unless `sampler_seed` is given.
+        """
+        require(len(questions) > 0, "no questions given: pass -q QUESTION or --input FILE.jsonl")
+        require(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
+        k = self.latent_steps if latent_steps is None else latent_steps
+        prompts = encode_prompts(self.tokenizer, questions, enable_thinking)
+        self.check_request([len(p) for p in prompts], k, max_new_tokens)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[dict | None] = [None] * len(prompts)
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = left_pad([prompts[i] for i in idx], pad, self.device)
+            sampler = None
+            if sampler_seed is not None:
+                seeds = torch.tensor([row_seed(sampler_seed, i) for i in idx], device=self.device)
+                sampler = Sampler(seeds, temperature, top_p, top_k)
+            gen = generate(self.model, self.head, batch.input_ids, batch.attention_mask, k, max_new_tokens, eos, pad, sampler)
+            for row, i in enumerate(idx):
+                ids = gen.tokens[row, : gen.lengths[row]].tolist()
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                results[i] = {"question": questions[i], "answer": text, "token_ids": ids, "finished": bool(gen.finished[row])}
+            if progress is not None:
+                progress.update(len(idx))
+        return results  # type: ignore[return-value]
+
+
+def init_checkpoint(base: str, out: str | Path, seed: int = 0, latent_steps: int = 6,
+                    trust_remote_code: bool = False) -> Path:
+    """Wrap a base model with a freshly initialised head (seeded) and write a seed-format checkpoint."""
+    model, tokenizer = load_base(base, None, trust_remote_code)
+    torch.manual_seed(seed)
+    head = ProjectionHead(model.config.hidden_size).to(model.dtype)
+    qt = QThink(model, tokenizer, head, latent_steps, {"base_model": base, "trained": "no (fresh head)", "seed": seed})
+    return qt.save_pretrained(out)
