@@ -1,0 +1,153 @@
+"""The teacher hidden-state store (DESIGN.md contract 3): writing shards safely, reading rows lazily.
+
+Layout of a store directory:
+- `manifest.json`: `format_version`, `base_model`, `hidden_size`, `K`, `G`, `position_scheme`,
+  `hidden_state`, `dtype`, `counts`, ... and `shards`: a list of `{file, rows, sha256}`.
+- `shard-NNNNN.safetensors`: `problem_index` [n] int64, `uniform` [n,K,H], `weighted` [n,K,H],
+  `weighted_valid` [n] bool, `num_valid` [n] int32.
+Every file is written under a temporary name and renamed, so a reader never sees half a shard, and the
+manifest (written last) only lists shards that are whole. The reader checks format, shapes and sha256 on
+open and refuses a store that does not match what the caller expects, naming the field and both values.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qthink.errors import UserError, require
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FIELDS = ("problem_index", "uniform", "weighted", "weighted_valid", "num_valid")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def write_shard(directory: Path, index: int, tensors: dict[str, torch.Tensor]) -> dict:
+    """Write one shard atomically and return its manifest entry `{file, rows, sha256}`."""
+    missing = [f for f in FIELDS if f not in tensors]
+    assert not missing, f"shard tensors lack {missing}"
+    path = directory / shard_name(index)
+    tmp = directory / f".{path.name}.tmp"
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"file": path.name, "rows": int(tensors["problem_index"].numel()), "sha256": sha256_file(path)}
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    manifest = {"format_version": FORMAT_VERSION, **manifest}
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+class TeacherStore:
+    """Read-only view of a teacher store; rows are read on demand from memory-mapped safetensors.
+
+    `expect` names manifest fields the caller relies on (e.g. `hidden_size`, `K`, `base_model`); a
+    mismatch is a `UserError` naming the field and both values. Checksums are verified on open.
+    """
+
+    def __init__(self, path: str | Path, expect: dict | None = None, verify: bool = True):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        require(self.path.is_dir(), f"teacher store {self.path} does not exist; build it with `qthink teachers`")
+        require(manifest_path.is_file(), f"{self.path} has no {MANIFEST}: not a finished teacher store "
+                "(rerun `qthink teachers` to complete it)")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{manifest_path} is not valid JSON (line {e.lineno}); rebuild the store") from e
+        version = self.manifest.get("format_version")
+        require(version == FORMAT_VERSION, f"{manifest_path}: format_version is {version}, this qthink reads "
+                f"{FORMAT_VERSION}; rebuild the store with this version of `qthink teachers`")
+        for field, want in (expect or {}).items():
+            have = self.manifest.get(field)
+            require(have == want, f"teacher store {self.path}: {field} is {have!r} but the trainer expects "
+                    f"{want!r}; rebuild the store for this model or change the config")
+        self.K, self.hidden_size = int(self.manifest["K"]), int(self.manifest["hidden_size"])
+        self._where: dict[int, tuple[int, int]] = {}
+        self._files = []
+        for s, entry in enumerate(self.manifest["shards"]):
+            file = self.path / entry["file"]
+            require(file.is_file(), f"{file} is listed in {manifest_path} but missing; rebuild the store")
+            if verify:
+                require(sha256_file(file) == entry["sha256"], f"{file}: checksum mismatch (corrupt or modified); "
+                        "rebuild the store with `qthink teachers`")
+            self._check_shapes(file, entry["rows"])
+            with safe_open(str(file), framework="pt") as f:
+                indices = f.get_tensor("problem_index").tolist()
+            for row, problem in enumerate(indices):
+                self._where[int(problem)] = (s, row)
+            self._files.append(file)
+        self._handles: dict[int, object] = {}
+
+    def _check_shapes(self, file: Path, rows: int) -> None:
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            require(set(FIELDS) <= keys, f"{file}: missing tensors {sorted(set(FIELDS) - keys)}")
+            for name in ("uniform", "weighted"):
+                shape = tuple(f.get_slice(name).get_shape())
+                require(shape == (rows, self.K, self.hidden_size), f"{file}: {name} has shape {shape}, manifest says "
+                        f"{(rows, self.K, self.hidden_size)}")
+            for name in ("problem_index", "weighted_valid", "num_valid"):
+                shape = tuple(f.get_slice(name).get_shape())
+                require(shape == (rows,), f"{file}: {name} has shape {shape}, expected ({rows},)")
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, problem_index: int) -> bool:
+        return problem_index in self._where
+
+    @property
+    def problem_indices(self) -> list[int]:
+        return sorted(self._where)
+
+    def _handle(self, shard: int):
+        # Opened lazily per process: DataLoader workers fork after __init__ and must not share handles.
+        key = (os.getpid(), shard)
+        if key not in self._handles:
+            self._handles[key] = safe_open(str(self._files[shard]), framework="pt")
+        return self._handles[key]
+
+    def row(self, problem_index: int) -> dict[str, torch.Tensor]:
+        """`uniform` [K,H] and `weighted` [K,H] (float32), `weighted_valid` (bool), `num_valid` (int)."""
+        require(problem_index in self._where, f"teacher store {self.path} has no row for problem {problem_index}")
+        shard, row = self._where[problem_index]
+        f = self._handle(shard)
+        return {
+            "uniform": f.get_slice("uniform")[row : row + 1][0].float(),
+            "weighted": f.get_slice("weighted")[row : row + 1][0].float(),
+            "weighted_valid": bool(f.get_slice("weighted_valid")[row : row + 1][0]),
+            "num_valid": int(f.get_slice("num_valid")[row : row + 1][0]),
+        }
+
+    def __getstate__(self):  # picklable for DataLoader workers: handles are reopened lazily
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
