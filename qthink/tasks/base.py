@@ -81,7 +81,7 @@ def read_records(path: str | Path) -> list[Located]:
     The extension is not trusted (SDPO's tooluse `test.json` is JSON Lines): a file whose first
     non-blank character is `[` is read as an array, anything else line by line. Blank lines are skipped.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     require(path.is_file(), f"{path}: no such file; pass --data-path pointing at an existing file or folder")
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -144,7 +144,7 @@ def _type_names(types: type | tuple[type, ...]) -> str:
 def resolve_split_file(data_path: str | Path, files: Mapping[str, str], split: str, task: str) -> Path:
     """The file holding `split`: `data_path` itself if it is a file, else the first existing candidate
     under the directory (rules in the module docstring)."""
-    path = Path(data_path)
+    path = Path(data_path).expanduser()
     if path.is_file():
         return path
     require(path.is_dir(), f"{path}: no such file or folder; pass --data-path pointing at {task} data")
@@ -158,7 +158,9 @@ def resolve_split_file(data_path: str | Path, files: Mapping[str, str], split: s
         if candidate.is_file():
             return candidate
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
-    raise UserError(f"no {task} {split} file under {path} (tried {tried}); pass the file itself as --data-path")
+    raise UserError(
+        f"no {task} {split} file under {path} (tried {tried}); pass the file itself as --data-path"
+    )
 
 
 def load_hub(dataset_id: str, config: str | None, split: str, task: str) -> list[Located]:
@@ -193,6 +195,10 @@ class Task:
         """Records of `split`, read from `data_path` (file, task folder or data root) or, when None, from
         the task's public Hugging Face copy. Each record gains an `id` (see `problem_id`)."""
         if data_path is None:
+            require(
+                split in self.files,
+                f"{self.name} has no split {split!r} (known: {', '.join(self.files)}); pass one of those",
+            )
             located = self.load_hub(split)
         else:
             located = read_records(resolve_split_file(data_path, self.files, split, self.name))

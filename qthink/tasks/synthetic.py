@@ -1,0 +1,138 @@
+"""The built-in synthetic task: chains of single-digit arithmetic, generated, no files.
+
+It exists so the whole pipeline (rollouts, teachers, latent training, eval) can run from scratch on a
+CPU with a tiny model. A problem assigns a digit to `a` and derives each next variable from the previous
+one with + - or * and a digit 1-9, all mod 10; the question asks for the last variable:
+
+    question  "a=3 b=a+4 c=b*2 d=c+5 d?"      chain [7, 4, 9]
+    think     "b=7 c=4 d=9"                    answer "9"
+
+The reference chain of thought writes one intermediate result per step, so the hidden state at each
+`=` of the think text is where that step's value is computed (`step_offsets`), a natural teacher
+position for the latent steps.
+
+Splits are deterministic (seeded by split name) and disjoint whatever `n` is asked: a hash of the
+question assigns every possible problem to exactly one split (about 1 in 10 to test), and each split only
+keeps problems of its own, without repeats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from qthink.errors import UserError, require
+from qthink.tasks.base import Located, Task, split_think
+
+VARIABLES = "abcdefghijklmnopqrstuvwxyz"
+OPS = "+-*"
+DEFAULT_SIZES = {"train": 2000, "test": 300}
+TEST_SHARE = 10  # one problem in TEST_SHARE (by hash) belongs to the test split
+
+
+def apply_op(value: int, op: str, operand: int) -> int:
+    if op == "+":
+        return (value + operand) % 10
+    if op == "-":
+        return (value - operand) % 10
+    return (value * operand) % 10
+
+
+def make_problem(rng: random.Random, steps: int) -> dict[str, Any]:
+    """One random chain of `steps` operations after the initial assignment."""
+    names = VARIABLES[: steps + 1]
+    value = rng.randint(1, 9)
+    parts = [f"{names[0]}={value}"]
+    chain = []
+    for prev, name in zip(names, names[1:], strict=False):
+        op, operand = rng.choice(OPS), rng.randint(1, 9)
+        value = apply_op(value, op, operand)
+        chain.append(value)
+        parts.append(f"{name}={prev}{op}{operand}")
+    return {
+        "question": " ".join(parts) + f" {names[-1]}?",
+        "chain": chain,
+        "answer": str(chain[-1]),
+        "think": " ".join(f"{name}={v}" for name, v in zip(names[1:], chain, strict=True)),
+    }
+
+
+def split_of(question: str) -> str:
+    """The split a question belongs to, fixed by a stable hash (not Python's salted `hash`)."""
+    digest = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16)
+    return "test" if digest % TEST_SHARE == 0 else "train"
+
+
+def generate(split: str, n: int, steps: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` distinct problems of `split`, the same for the same arguments."""
+    rng = random.Random(f"qthink-synthetic-{seed}-{split}")  # str seeds are hashed deterministically
+    seen: set[str] = set()
+    records: list[dict[str, Any]] = []
+    attempts = 0
+    while len(records) < n:
+        attempts += 1
+        if attempts > 100 * n + 10_000:
+            raise UserError(
+                f"synthetic {split}: only {len(records)} distinct problems with steps={steps}; ask for fewer "
+                "problems or more steps"
+            )
+        problem = make_problem(rng, steps)
+        if problem["question"] in seen or split_of(problem["question"]) != split:
+            continue
+        seen.add(problem["question"])
+        records.append({**problem, "id": f"{split}-{len(records)}"})
+    return records
+
+
+class SyntheticTask(Task):
+    name = "synthetic"
+    metrics = ("exact_match",)
+
+    def __init__(self, steps: int = 3, seed: int = 0, train_size: int = 2000, test_size: int = 300) -> None:
+        require(
+            1 <= steps < len(VARIABLES),
+            f"synthetic steps must be between 1 and {len(VARIABLES) - 1}, got {steps}",
+        )
+        self.steps, self.seed = steps, seed
+        self.sizes = {"train": train_size, "test": test_size}
+
+    def load(
+        self, split: str, data_path: str | Path | None = None, n: int | None = None
+    ) -> list[dict[str, Any]]:
+        """`n` generated problems of `split` ("train" or "test"; default sizes 2000 and 300)."""
+        require(
+            data_path is None,
+            "the synthetic task generates its problems and reads no files; drop --data-path",
+        )
+        require(split in self.sizes, f"synthetic has no split {split!r} (known: {', '.join(self.sizes)})")
+        n = self.sizes[split] if n is None else n
+        require(
+            isinstance(n, int) and n >= 1, f"synthetic problem count must be a positive integer, got {n!r}"
+        )
+        return generate(split, n, self.steps, self.seed)
+
+    def load_hub(self, split: str) -> list[Located]:
+        raise UserError("the synthetic task has no hub copy; it is generated")
+
+    def prompt(self, record: Mapping[str, Any]) -> str:
+        return record["question"]
+
+    def reference(self, record: Mapping[str, Any]) -> str:
+        return record["answer"]
+
+    def think_text(self, record: Mapping[str, Any]) -> str:
+        """The reference chain of thought (the demo trains on `<think>\\n{think}\\n</think>\\n\\n{answer}`)."""
+        return record["think"]
+
+    def grade(self, output: str, record: Mapping[str, Any]) -> dict[str, float]:
+        _, answer_text, _ = split_think(output)
+        digits = re.findall(r"\d", answer_text)
+        return {"exact_match": float(bool(digits) and digits[-1] == record["answer"])}
+
+    def step_offsets(self, think_text: str) -> list[int]:
+        """Offsets of each `=` in the think text: the state at `=` predicts that step's value."""
+        return [i for i, c in enumerate(think_text) if c == "="]
