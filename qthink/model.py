@@ -127,7 +127,7 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "c
 class QThink(nn.Module):
     """Base model + projection head; `generate` runs the shared latent loop in batches."""
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, head: ProjectionHead,
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, head: ProjectionHead | None,
                  latent_steps: int = 6, info: dict | None = None):
         super().__init__()
         self.model, self.tokenizer, self.head = model, tokenizer, head
@@ -167,6 +167,14 @@ class QThink(nn.Module):
         qt = cls(model, tokenizer, head.to(model.dtype).eval(), int(info.get("latent_steps", 6)), info)
         return qt.to(device) if device is not None else qt
 
+    @classmethod
+    def for_base(cls, path_or_repo: str | Path, dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None, trust_remote_code: bool = False) -> "QThink":
+        """A base model without a head, for plain decoding (K = 0): the think / nothink baselines."""
+        model, tokenizer = load_base(str(path_or_repo), dtype, trust_remote_code)
+        qt = cls(model, tokenizer, None, 0, {"base_model": str(path_or_repo)})
+        return qt.to(device) if device is not None else qt
+
     def save_pretrained(self, out: str | Path, extra_info: dict | None = None) -> Path:
         """Write the seed-format checkpoint; the directory appears whole or not at all."""
         out = Path(out)
@@ -197,6 +205,8 @@ class QThink(nn.Module):
     def check_request(self, prompt_lengths: list[int], latent_steps: int, max_new_tokens: int) -> None:
         require(latent_steps >= 0, f"--latent-steps must be >= 0 (got {latent_steps})")
         require(max_new_tokens > 0, f"--max-new-tokens must be > 0 (got {max_new_tokens})")
+        require(latent_steps == 0 or self.head is not None, "this model has no projection head, so it can only "
+                "decode with --latent-steps 0; wrap it with `qthink init BASE OUT` for latent steps")
         longest = max(prompt_lengths)
         need = longest + latent_steps + max_new_tokens
         require(need <= self.context_length, f"a question of {longest} prompt tokens + {latent_steps} latent steps + "
