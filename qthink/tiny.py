@@ -52,7 +52,7 @@ WORDS = (
     "the a of to and in is it that for on with as what how many much each total left more less than "
     "answer question step reason think compute value number sum product difference times plus minus "
     "please put your final within boxed tool action input thought user api name description get set "
-    "list create update delete id true false null json format use following begin"
+    "list create update delete id true false null json format use following begin user assistant system"
 ).split()
 
 

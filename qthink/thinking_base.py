@@ -1,0 +1,90 @@
+"""Teach the tiny base to reason with a visible chain of thought: the demo's "base model that thinks".
+
+Qwen3-1.7B arrives able to think; the tiny Qwen3 that `qthink tiny-base` draws is random. This short
+supervised stage (full fine-tuning, plain PyTorch: it is the base model's pre-training, not the method)
+trains it on the synthetic task in Qwen3's two chat modes, half of the sequences each:
+- thinking:     prompt(enable_thinking=True)  + `<think>\\n{trace}\\n</think>\\n\\n{answer}<|im_end|>`
+- not thinking: prompt(enable_thinking=False) + `{answer}<|im_end|>`
+so that, like Qwen3, it answers in both modes and thinking helps. Loss is on the completion only.
+"""
+
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qthink.model import encode_prompts, load_base
+from qthink.tasks import get_task
+
+
+def thinking_completion(trace: str, answer: str) -> str:
+    """The completion in Qwen3's layout after a thinking-mode generation prompt."""
+    return f"<think>\n{trace}\n</think>\n\n{answer}"
+
+
+def build_sequences(tokenizer, records: list[dict], task) -> list[tuple[list[int], int]]:
+    """(token ids, completion start) for each record in both modes."""
+    eos = tokenizer.eos_token_id
+    questions = [task.prompt(r) for r in records]
+    sequences = []
+    for thinking in (True, False):
+        prompts = encode_prompts(tokenizer, questions, enable_thinking=thinking)
+        for prompt, record in zip(prompts, records, strict=True):
+            text = thinking_completion(task.think_text(record), task.reference(record)) if thinking else task.reference(record)
+            completion = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+            sequences.append((prompt + completion, len(prompt)))
+    return sequences
+
+
+def collate(sequences: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and next-token labels (-100 outside completions)."""
+    width = max(len(s) for s, _ in sequences)
+    ids = torch.full((len(sequences), width), pad_id)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100)
+    for i, (seq, start) in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, start - 1 : len(seq) - 1] = torch.tensor(seq[start:])
+    return ids, mask, labels
+
+
+def train_thinking_base(base: str | Path, out: str | Path, steps: int = 1000, batch_size: int = 64,
+                        lr: float = 2e-3, problems: int = 2000, seed: int = 0) -> dict:
+    """Fine-tune `base` on synthetic chains in both chat modes and save it to `out`; returns the curve."""
+    torch.manual_seed(seed)
+    model, tokenizer = load_base(str(base), torch.float32)
+    task = get_task("synthetic")
+    sequences = build_sequences(tokenizer, task.load("train", n=problems), task)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:  # linear warmup, cosine to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    rng = random.Random(seed)
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc="teach base to think", unit="step", leave=False)
+    for _ in bar:
+        ids, mask, labels = collate(rng.sample(sequences, batch_size), tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "problems": problems, "final_loss": losses[-1], "losses": losses}
