@@ -1,0 +1,337 @@
+"""`qthink rollouts`: G sampled chain-of-thought completions per problem, graded, on disk (contract 3).
+
+    qthink rollouts --base Qwen/Qwen3-1.7B --task gsm8k --data-path data --out rollouts -G 16
+
+Each prompt is the task's question as one user turn with thinking enabled; `qthink.latent.generate`
+(with 0 latent steps) prefills it once and expands its cache G times. Row (problem i, sample j) draws its
+noise from `row_seed(seed, i, j)`, and batches are fixed groups of `--batch-size` consecutive problems,
+so the output does not depend on how the run was split, resumed or spread over ranks.
+
+Output directory: `manifest.json` (the settings, written first) and `rollouts.jsonl`, one line per
+problem, appended with flush + fsync. A rerun checks the settings against the manifest, discards a
+truncated last line (a run killed mid-write) and skips the problems already present. Under `torchrun`
+each rank appends to `rollouts.rank-R.jsonl` and rank 0 merges the parts into `rollouts.jsonl` (ordered
+by problem index) at the end.
+"""
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qthink.errors import UserError, require
+from qthink.latent import Sampler, generate, row_seed
+from qthink.model import encode_prompts, left_pad, load_base, parse_dtype
+from qthink.teachers import distributed
+from qthink.teachers.store import atomic_write_text
+
+ROLLOUTS, MANIFEST = "rollouts.jsonl", "manifest.json"
+FORMAT = "qthink-rollouts-v1"
+
+
+def part_name(rank: int) -> str:
+    return f"rollouts.rank-{rank}.jsonl"
+
+
+# ---- reading and validating rollouts.jsonl ----
+
+def parse_line(path: Path, lineno: int, line: str) -> dict:
+    """One problem line, validated; a mistake is a UserError naming the file and line."""
+    where = f"{path}:{lineno}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); fix or delete that line") from e
+    require(isinstance(record, dict), f"{where}: expected a JSON object per line")
+    require(isinstance(record.get("problem_index"), int) and record["problem_index"] >= 0,
+            f"{where}: needs an integer `problem_index` >= 0")
+    require(isinstance(record.get("question"), str), f"{where}: needs a string `question` (the user message)")
+    rollouts = record.get("rollouts")
+    require(isinstance(rollouts, list), f"{where}: needs a list `rollouts`")
+    for j, r in enumerate(rollouts):
+        ok = isinstance(r, dict) and isinstance(r.get("token_ids"), list) and all(type(t) is int for t in r["token_ids"])
+        require(ok, f"{where}: rollout {j} needs `token_ids`, a list of integers")
+        require(isinstance(r.get("reward"), int | float) and not isinstance(r.get("reward"), bool),
+                f"{where}: rollout {j} needs a numeric `reward`")
+    return record
+
+
+def scan(path: Path, tail: str = "error") -> list[tuple[int, int, int]]:
+    """(problem_index, byte offset, byte length) of every complete line of a rollouts file, validated,
+    streamed so that a large file is never held in memory.
+
+    A last line without its newline is what a run killed mid-write leaves. `tail`: "repair" cuts it off
+    the file (the rerun recomputes that problem), "ignore" skips it (another rank's file, which that rank
+    repairs), "error" raises a UserError telling how to repair it.
+    """
+    if not path.exists():
+        return []
+    entries, seen, offset, cut = [], {}, 0, False
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                cut = True
+                break
+            if raw.strip():
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 text; fix or delete that line") from e
+                index = parse_line(path, lineno, text)["problem_index"]
+                require(index not in seen, f"{path}:{lineno}: problem_index {index} already appears on line {seen.get(index)}")
+                seen[index] = lineno
+                entries.append((index, offset, len(raw)))
+            offset += len(raw)
+    if cut and tail != "ignore":
+        require(tail == "repair", f"{path}: the last line is incomplete (a run killed mid-write); rerun `qthink rollouts` "
+                "with the same settings to complete the file")
+        with open(path, "r+b") as f:  # only the tail: every complete line stays as written
+            f.truncate(offset)
+            os.fsync(f.fileno())
+    return entries
+
+
+def read_line(path: Path, offset: int, length: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length).decode("utf-8").rstrip("\n")
+
+
+def read_rollouts(directory: str | Path) -> tuple[dict, list[tuple[int, int, int]]]:
+    """(manifest or {}, scan entries ordered by problem index) of a finished rollouts directory; read a
+    problem with `parse_line(path, 0, read_line(path, offset, length))`."""
+    directory = Path(directory)
+    path = directory / ROLLOUTS
+    require(path.is_file(), f"{directory} has no {ROLLOUTS}; create it with `qthink rollouts`")
+    parts = sorted(directory.glob("rollouts.rank-*.jsonl"))
+    if parts:
+        raise UserError(f"{directory} still has per-rank parts ({parts[0].name}); rerun `qthink rollouts` to finish it")
+    entries = sorted(scan(path))
+    manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).is_file() else {}
+    return manifest, entries
+
+
+def check_manifest(directory: Path, settings: dict) -> None:
+    """Write the settings as the manifest, or check them against the manifest already there."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        require(not (directory / ROLLOUTS).exists(), f"{directory / ROLLOUTS} exists but {MANIFEST} does not; "
+                "move it away or choose another --out")
+        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+        return
+    try:
+        have = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}); fix it or choose another --out") from e
+    for key, want in settings.items():
+        require(have.get(key) == want, f"{path}: this run's {key} is {want!r} but the existing rollouts used "
+                f"{have.get(key)!r}; rerun with the same {key} or choose another --out")
+
+
+def merge_parts(directory: Path) -> int:
+    """Merge `rollouts.jsonl` and the per-rank parts into `rollouts.jsonl` ordered by problem index
+    (atomic rename; parts deleted afterwards). Returns the number of problems."""
+    main, parts = directory / ROLLOUTS, sorted(directory.glob("rollouts.rank-*.jsonl"))
+    where = {index: (main, off, n) for index, off, n in scan(main, tail="repair")}
+    in_order = list(where) == sorted(where)
+    for part in parts:
+        for index, off, n in scan(part, tail="repair"):
+            where.setdefault(index, (part, off, n))
+    order = sorted(where)
+    if parts or not in_order:
+        tmp = main.with_name(f".{main.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for index in order:
+                f.write(read_line(*where[index]) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, main)
+        for part in parts:
+            part.unlink()
+    return len(order)
+
+
+def append_line(path: Path, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---- building rollouts ----
+
+def reference_rollout(tokenizer, think: str, answer: str) -> dict:
+    """A completion in the rollout layout, `<think>\\n{think}\\n</think>\\n\\n{answer}<|im_end|>`, as a
+    rollout entry (reward not set): how hand-written or external chains of thought are provided."""
+    text = f"<think>\n{think}\n</think>\n\n{answer}"
+    ids = tokenizer(text + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    return {"token_ids": ids, "text": text, "finished": True}
+
+
+def problem_line(problem_index: int, problem_id: str, question: str, rollouts: list[dict]) -> str:
+    record = {"problem_index": problem_index, "problem_id": problem_id, "question": question, "rollouts": rollouts}
+    return json.dumps(record, ensure_ascii=False)
+
+
+def write_reference_rollouts(base: str, out: str | Path, task_name: str = "synthetic", split: str = "train",
+                             n: int = 8, G: int = 1, data_path: str | None = None) -> Path:
+    """A rollouts directory whose G rollouts per problem are the task's reference chain of thought
+    (tasks with `think_text`, e.g. synthetic), graded: input for `qthink teachers` with a model too
+    small to close its own think blocks (tests, demo)."""
+    from transformers import AutoTokenizer
+
+    from qthink.tasks import get_task
+
+    out, task = Path(out), get_task(task_name)
+    require(hasattr(task, "think_text"), f"task {task_name} has no reference chain of thought (think_text)")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    records = task.load(split, data_path)[:n]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / MANIFEST, json.dumps({"format": FORMAT, "source": "reference", "base_model": str(base),
+                                                  "task": task_name, "split": split, "G": G}, indent=2) + "\n")
+    lines = []
+    for i, record in enumerate(records):
+        r = reference_rollout(tokenizer, task.think_text(record), task.reference(record))
+        r["reward"] = task.grade(r["text"], record)["exact_match"]
+        lines.append(problem_line(i, task.problem_id(record), task.prompt(record), [r] * G))
+    atomic_write_text(out / ROLLOUTS, "".join(line + "\n" for line in lines))
+    return out
+
+
+def sample_group(model, tokenizer, prompts: list[list[int]], indices: list[int], G: int, seed: int,
+                 max_new_tokens: int, temperature: float, top_p: float, top_k: int, device) -> list[list[dict]]:
+    """G sampled completions for each prompt: per prompt, a list of {token_ids, text, finished}."""
+    batch = left_pad(prompts, tokenizer.pad_token_id, device)
+    seeds = torch.tensor([row_seed(seed, i, j) for i in indices for j in range(G)], device=device)
+    gen = generate(model, torch.nn.Identity(), batch.input_ids, batch.attention_mask, 0, max_new_tokens,
+                   tokenizer.eos_token_id, tokenizer.pad_token_id, Sampler(seeds, temperature, top_p, top_k), G)
+    tokens, lengths, finished = gen.tokens.cpu(), gen.lengths.cpu().tolist(), gen.finished.cpu().tolist()
+    out = []
+    for p in range(len(prompts)):
+        samples = []
+        for j in range(G):
+            row = p * G + j
+            ids = tokens[row, : lengths[row]].tolist()
+            shown = ids[:-1] if finished[row] else ids  # the text leaves out the closing EOS
+            samples.append({"token_ids": ids, "text": tokenizer.decode(shown, skip_special_tokens=False),
+                            "finished": bool(finished[row])})
+        out.append(samples)
+    return out
+
+
+def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", data_path: str | None = None,
+                 G: int = 16, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20,
+                 max_new_tokens: int = 4096, batch_size: int = 8, seed: int = 0, limit: int | None = None,
+                 dtype: str = "auto", device: str | None = None,
+                 on_problem: Callable[[int], None] | None = None) -> dict:
+    """Sample, grade and append rollouts for the (first `limit`) problems of `task`/`split` not yet in
+    `out`; returns a summary. `on_problem(index)` is called after each problem is on disk."""
+    from qthink.tasks import get_task
+
+    require(G >= 1, f"-G must be >= 1 (got {G})")
+    require(batch_size >= 1, f"--batch-size must be >= 1 (got {batch_size})")
+    require(max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    require(temperature > 0, f"--temperature must be > 0 (got {temperature}); rollouts are sampled")
+    ranks, dev = distributed.setup(device)
+    out = Path(out)
+    task_obj = get_task(task)
+    records = task_obj.load(split, data_path)
+    records = records[:limit] if limit is not None else records
+    settings = {"format": FORMAT, "base_model": str(base), "task": task, "split": split, "data_path": data_path,
+                "G": G, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
+                "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": dtype,
+                "enable_thinking": True}
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        check_manifest(out, settings)
+        scan(out / ROLLOUTS, tail="repair")  # validate, drop a truncated last line
+    distributed.barrier()
+    if not ranks.is_main:
+        check_manifest(out, settings)
+    mine = out / (ROLLOUTS if ranks.world_size == 1 else part_name(ranks.rank))
+    done = {e[0] for e in scan(mine, tail="repair")}
+    for path in [out / ROLLOUTS, *out.glob("rollouts.rank-*.jsonl")]:
+        if path != mine:
+            done |= {e[0] for e in scan(path, tail="ignore")}
+
+    n_groups = (len(records) + batch_size - 1) // batch_size
+    groups = [list(range(g * batch_size, min((g + 1) * batch_size, len(records)))) for g in ranks.units(n_groups)]
+    groups = [g for g in groups if any(i not in done for i in g)]
+    todo = sum(i not in done for g in groups for i in g)
+    summary = {"problems": todo, "rollouts": 0, "correct": 0, "finished": 0, "closed_think": 0}
+    if groups:
+        model, tokenizer = load_base(base, parse_dtype(dtype))
+        model = model.to(dev)
+        end_think = tokenizer.convert_tokens_to_ids("</think>")
+        context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        bar = tqdm(total=todo * G, unit="rollout", desc=f"rollouts {task}/{split}", disable=not ranks.is_main,
+                   dynamic_ncols=True)
+        for group in groups:
+            prompts = encode_prompts(tokenizer, [task_obj.prompt(records[i]) for i in group], enable_thinking=True)
+            for i, p in zip(group, prompts, strict=True):
+                require(len(p) + max_new_tokens <= context, f"problem {i} ({task_obj.problem_id(records[i])}): "
+                        f"{len(p)} prompt tokens + --max-new-tokens {max_new_tokens} exceed the context of {context}")
+            samples = sample_group(model, tokenizer, prompts, group, G, seed, max_new_tokens, temperature, top_p,
+                                   top_k, dev)
+            for i, rollouts in zip(group, samples, strict=True):
+                if i in done:
+                    continue
+                for r in rollouts:
+                    r["reward"] = float(task_obj.grade(r["text"], records[i])["exact_match"])
+                    summary["correct"] += r["reward"] > 0
+                    summary["finished"] += r["finished"]
+                    summary["closed_think"] += end_think in r["token_ids"]
+                summary["rollouts"] += len(rollouts)
+                append_line(mine, problem_line(i, task_obj.problem_id(records[i]), task_obj.prompt(records[i]),
+                                               [{k: r[k] for k in ("token_ids", "text", "reward", "finished")}
+                                                for r in rollouts]))
+                bar.update(G)
+                if on_problem is not None:
+                    on_problem(i)
+        bar.close()
+    distributed.barrier()
+    if ranks.is_main:
+        summary["total_problems"] = merge_parts(out)
+    distributed.barrier()
+    return summary
+
+
+# ---- the `qthink rollouts` subcommand ----
+
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="base model directory or Hugging Face repo id")
+    p.add_argument("--task", required=True, help="gsm8k | math500 | tooluse | synthetic")
+    p.add_argument("--split", default="train", help="dataset split (default train)")
+    p.add_argument("--data-path", default=None, help="task data file or folder (default: the task's hub copy)")
+    p.add_argument("--out", required=True, help="output rollouts directory")
+    p.add_argument("-G", type=int, default=16, help="rollouts per problem (default 16)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=int, default=4096, help="token budget per rollout")
+    p.add_argument("--batch-size", type=int, default=8, help="problems per batch (x G rows); fixed for a directory")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per row: problem index and sample index)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems (a rerun can extend)")
+    p.add_argument("--dtype", default="auto", help="model dtype: float32 | bfloat16 | float16 | auto")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+
+
+def cli_main(args) -> int:
+    start = time.perf_counter()
+    try:
+        s = run_rollouts(args.base, args.task, args.out, args.split, args.data_path, args.G, args.temperature,
+                         args.top_p, args.top_k, args.max_new_tokens, args.batch_size, args.seed, args.limit,
+                         args.dtype, args.device)
+    finally:
+        distributed.teardown()
+    if distributed.env_ranks().is_main:
+        n = max(s["rollouts"], 1)
+        print(f"rollouts: {s['problems']} new problems, {s['rollouts']} rollouts in {time.perf_counter() - start:.1f}s "
+              f"(this rank); correct {s['correct'] / n:.1%}, finished {s['finished'] / n:.1%}, "
+              f"emitted </think> {s['closed_think'] / n:.1%}; {args.out}/{ROLLOUTS} holds {s['total_problems']} problems")
+    return 0

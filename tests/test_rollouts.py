@@ -1,0 +1,106 @@
+"""`qthink rollouts`: sampled, graded rollouts on disk; resumable, batch-independent, strict about input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qthink.cli import main
+from qthink.errors import UserError
+from qthink.teachers.rollouts import ROLLOUTS, read_rollouts, run_rollouts, scan
+
+SETTINGS = {"task": "synthetic", "G": 2, "max_new_tokens": 12, "batch_size": 2, "seed": 3, "limit": 5}
+
+
+class Killed(Exception):
+    pass
+
+
+def rollouts(base: Path, out: Path, **overrides) -> dict:
+    return run_rollouts(str(base), out=out, **{**SETTINGS, **overrides})
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_base, tmp_path_factory) -> Path:
+    """One uninterrupted run: 5 problems, G=2, groups of 2 problems."""
+    out = tmp_path_factory.mktemp("rollouts") / "ref"
+    rollouts(tiny_base, out)
+    return out
+
+
+def test_layout_and_contents(reference):
+    manifest, entries = read_rollouts(reference)
+    assert [e[0] for e in entries] == [0, 1, 2, 3, 4]
+    assert manifest["G"] == 2 and manifest["temperature"] == 0.6 and manifest["max_new_tokens"] == 12
+    lines = [json.loads(line) for line in (reference / ROLLOUTS).read_text().splitlines()]
+    assert lines[0]["question"].startswith("a=") and lines[0]["problem_id"] == "train-0"
+    for line in lines:
+        assert len(line["rollouts"]) == 2
+        for r in line["rollouts"]:
+            assert set(r) == {"token_ids", "text", "reward", "finished"}
+            assert r["reward"] in (0.0, 1.0) and 1 <= len(r["token_ids"]) <= 12
+    # the two samples of a problem draw different noise
+    assert any(line["rollouts"][0]["token_ids"] != line["rollouts"][1]["token_ids"] for line in lines)
+
+
+def test_kill_and_resume_gives_the_same_file(tiny_base, reference, tmp_path):
+    out = tmp_path / "r"
+
+    def kill_after_three(index: int) -> None:
+        if index == 2:  # mid-way through the second group of problems
+            raise Killed
+
+    with pytest.raises(Killed):
+        rollouts(tiny_base, out, on_problem=kill_after_three)
+    assert len(scan(out / ROLLOUTS)) == 3
+    # a kill in the middle of writing the next line leaves a line without its newline
+    with open(out / ROLLOUTS, "a") as f:
+        f.write((reference / ROLLOUTS).read_text().splitlines()[3][:40])
+    with pytest.raises(UserError, match="last line is incomplete"):
+        read_rollouts(out)
+    summary = rollouts(tiny_base, out)
+    assert summary["problems"] == 2 and summary["total_problems"] == 5
+    assert (out / ROLLOUTS).read_bytes() == (reference / ROLLOUTS).read_bytes()
+    assert rollouts(tiny_base, out)["problems"] == 0  # finished: nothing to do
+
+
+def test_limit_then_extend_and_batch_independence(tiny_base, reference, tmp_path):
+    out = tmp_path / "r"
+    rollouts(tiny_base, out, limit=2)
+    rollouts(tiny_base, out)
+    assert (out / ROLLOUTS).read_bytes() == (reference / ROLLOUTS).read_bytes()
+    # another batching draws the same samples: each row's noise depends on (seed, problem, sample) only
+    other = tmp_path / "b3"
+    rollouts(tiny_base, other, batch_size=3)
+    ids = [[r["token_ids"] for r in json.loads(line)["rollouts"]] for line in (other / ROLLOUTS).open()]
+    assert ids == [[r["token_ids"] for r in json.loads(line)["rollouts"]] for line in (reference / ROLLOUTS).open()]
+
+
+def test_rerun_with_other_settings_names_the_setting(tiny_base, reference, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "manifest.json").write_text((reference / "manifest.json").read_text())
+    with pytest.raises(UserError, match=r"temperature is 0\.7 but the existing rollouts used 0\.6"):
+        rollouts(tiny_base, out, temperature=0.7)
+    with pytest.raises(UserError, match="G is 3"):
+        rollouts(tiny_base, out, G=3)
+
+
+def test_malformed_line_names_file_and_line(tiny_base, reference, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "manifest.json").write_text((reference / "manifest.json").read_text())
+    lines = (reference / ROLLOUTS).read_text().splitlines()
+    (out / ROLLOUTS).write_text("\n".join([lines[0], '{"problem_index": 1, "rollouts": [', *lines[2:]]) + "\n")
+    with pytest.raises(UserError, match=rf"{out / ROLLOUTS}:2: not valid JSON"):
+        rollouts(tiny_base, out)
+    # through the command: one line, exit status 2, no traceback
+    argv = ["rollouts", "--base", str(tiny_base), "--task", "synthetic", "--out", str(out), "-G", "2",
+            "--max-new-tokens", "12", "--batch-size", "2", "--seed", "3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qthink: error: ") and f"{ROLLOUTS}:2:" in err and "Traceback" not in err
+    (out / ROLLOUTS).write_text(lines[0] + "\n" + json.dumps({"problem_index": 1, "question": "q",
+                                                              "rollouts": [{"token_ids": ["x"], "reward": 1}]}) + "\n")
+    with pytest.raises(UserError, match=r":2: rollout 0 needs `token_ids`"):
+        read_rollouts(out)
