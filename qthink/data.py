@@ -1,0 +1,453 @@
+"""`TeacherDataModule`: training batches from a teacher store and its rollouts, validation problems from the task.
+
+A training example is one problem of the store: the prompt in the student layout (DESIGN.md contract 1:
+`enable_thinking=False`, so it ends with an empty think block), the answer tokens + EOS, and the problem's
+teacher rows ([K,H] uniform and weighted, with validity). The answer is, with `answer_source: rollout`,
+the post-think answer of the problem's first correct finished rollout (the base model's own tokens), else
+the task's reference; with `answer_source: reference`, always the reference. Validation examples are the
+task's `val_split` problems (no teachers needed), graded by the task.
+
+Batches: prompts left-padded, answers right-padded (labels -100 on padding), teachers stacked. The train
+loader is resumable mid-epoch and shards across DDP ranks itself (`ResumableSampler`), so the Trainer must
+run with `use_distributed_sampler: false`; `qthink fit --ckpt_path last` then continues at the exact sample.
+"""
+
+import inspect
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from qthink.errors import UserError, require
+from qthink.model import encode_prompts, left_pad
+from qthink.teachers.store import TeacherStore
+
+ROLLOUTS_FILE = "rollouts.jsonl"
+
+
+# ---- reading the pipeline's outputs ----
+
+
+def load_tokenizer(base_model: str, trust_remote_code: bool = False):
+    """The base model's tokenizer (pad falls back to EOS, as in `qthink.model.load_base`)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of {base_model!r}: {str(e).splitlines()[0]}") from e
+    require(tok.eos_token_id is not None, f"tokenizer of {base_model} has no EOS token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def hidden_size_of(base_model: str, trust_remote_code: bool = False) -> int:
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code).hidden_size)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the config of {base_model!r}: {str(e).splitlines()[0]}") from e
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two base-model references name the same model (equal ids, or the same local directory)."""
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def resolve_dir(path: str, anchor: Path) -> Path:
+    """`path` as given if it exists, else relative to `anchor` (manifests may store relative paths)."""
+    given = Path(path)
+    return given if given.exists() or given.is_absolute() else anchor / given
+
+
+def read_rollouts(directory: Path) -> dict[int, dict]:
+    """problem_index -> rollouts.jsonl record, with one-line errors naming the file and line."""
+    path = directory / ROLLOUTS_FILE
+    require(path.is_file(), f"{path} does not exist; run `qthink rollouts` or set data.rollouts")
+    records = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); rerun `qthink rollouts`") from e
+        require(isinstance(record, dict) and "problem_index" in record and "rollouts" in record,
+                f"{path}:{n}: needs `problem_index` and `rollouts`")
+        records[int(record["problem_index"])] = record
+    return records
+
+
+def rollout_answer_ids(token_ids: list[int], think_close: int, eos: int, is_blank: Callable[[int], bool]) -> list[int] | None:
+    """The answer tokens after `</think>` (leading blank tokens dropped) up to and including EOS.
+
+    None if the think block never closes or the rollout did not end with EOS (a truncated answer).
+    """
+    if think_close not in token_ids:
+        return None
+    answer = token_ids[token_ids.index(think_close) + 1 :]
+    while answer and answer[0] != eos and is_blank(answer[0]):  # the "\n\n" the student prompt already ends with
+        answer = answer[1:]
+    if eos not in answer:
+        return None
+    return answer[: answer.index(eos) + 1]
+
+
+def load_records(task, split: str, data_path: str | None, n: int | None) -> list[dict]:
+    """Task records of `split`; generated tasks (synthetic) take a count instead of a file."""
+    if "n" in inspect.signature(task.load).parameters:
+        return task.load(split, data_path, n=n)
+    return task.load(split, data_path)
+
+
+# ---- datasets and batches ----
+
+
+@dataclass
+class Example:
+    problem_index: int
+    prompt_ids: list[int]
+    answer_ids: list[int] = field(default_factory=list)
+    record: dict | None = None
+
+
+class TeacherDataset(Dataset):
+    """Training examples joined with their teacher rows (read lazily from the memory-mapped store)."""
+
+    def __init__(self, examples: list[Example], store: TeacherStore):
+        self.examples, self.store = examples, store
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> tuple[Example, dict]:
+        ex = self.examples[i]
+        return ex, self.store.row(ex.problem_index)
+
+
+class EvalDataset(Dataset):
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def collate_train(items: list[tuple[Example, dict]], pad_id: int) -> dict[str, torch.Tensor]:
+    examples, rows = zip(*items, strict=True)
+    prompts = left_pad([ex.prompt_ids for ex in examples], pad_id)
+    answer_ids, answer_mask = right_pad([ex.answer_ids for ex in examples], pad_id)
+    return {
+        "prompt_ids": prompts.input_ids,
+        "prompt_mask": prompts.attention_mask,
+        "answer_ids": answer_ids,
+        "answer_mask": answer_mask,
+        "labels": answer_ids.masked_fill(answer_mask == 0, -100),
+        "teacher_uniform": torch.stack([r["uniform"] for r in rows]),
+        "teacher_weighted": torch.stack([r["weighted"] for r in rows]),
+        "weighted_valid": torch.tensor([r["weighted_valid"] for r in rows], dtype=torch.bool),
+        "num_valid": torch.tensor([r["num_valid"] for r in rows], dtype=torch.long),
+        "problem_index": torch.tensor([ex.problem_index for ex in examples], dtype=torch.long),
+    }
+
+
+def collate_eval(examples: list[Example], pad_id: int) -> dict[str, Any]:
+    prompts = left_pad([ex.prompt_ids for ex in examples], pad_id)
+    return {"prompt_ids": prompts.input_ids, "prompt_mask": prompts.attention_mask,
+            "records": [ex.record for ex in examples],
+            "problem_index": torch.tensor([ex.problem_index for ex in examples], dtype=torch.long)}
+
+
+# ---- a resumable, DDP-aware sampler ----
+
+
+class ResumableSampler(Sampler[int]):
+    """A seeded permutation per epoch, padded and dealt to ranks like `DistributedSampler`, that can start
+    mid-epoch: `consumed` counts this rank's samples already trained on in `epoch` (the loader advances it)."""
+
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        require(size > 0, "the training set is empty")
+        self.size, self.seed, self.shuffle, self.rank, self.world_size = size, seed, shuffle, rank, world_size
+        self.epoch, self.consumed = 0, 0
+
+    def epoch_indices(self) -> list[int]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.size))
+        total = len(self) * self.world_size
+        order = (order * math.ceil(total / self.size))[:total]  # every rank gets the same count
+        return order[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world_size)
+
+    def __iter__(self):
+        return iter(self.epoch_indices()[self.consumed :])
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed, "size": self.size, "seed": self.seed,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("size", "seed", "world_size"):
+            require(state[key] == getattr(self, key), f"cannot resume the data order: the checkpoint's {key} is "
+                    f"{state[key]} but this run's is {getattr(self, key)}; resume with the same data, data.seed "
+                    "and number of devices, or start a new run")
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position (the sampler's epoch and consumed count) is saved in Lightning checkpoints."""
+
+    def __iter__(self):
+        # A generator: the sampler is read at the first `next`, after Lightning has restored it and set the epoch.
+        for batch in super().__iter__():
+            self.sampler.consumed += len(batch["problem_index"])
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+# ---- the datamodule ----
+
+
+class TeacherDataModule(L.LightningDataModule):
+    """Teacher-store training data and task validation data for `QThinkModule`.
+
+    Args:
+        teachers: Teacher store directory (written by `qthink teachers`).
+        rollouts: Rollouts directory (`qthink rollouts`); None: the one named in the store's manifest.
+        task: Task name (gsm8k, math500, tooluse, synthetic); None: the store's.
+        data_path: The task's data file or folder (None: the task's default source).
+        task_options: Task constructor options (e.g. {steps: 3} for synthetic); must match the rollouts'.
+        base_model: Base model whose tokenizer is used; must be the store's base model (linked to model.base_model).
+        teacher_steps: K the store must have (linked from model.latent_steps; None when not distilling).
+        batch_size: Problems per batch on each device.
+        num_workers: DataLoader worker processes.
+        max_prompt_tokens: Longer prompts are dropped (and counted in the log).
+        max_answer_tokens: Answers (EOS included) are truncated to this many tokens (counted in the log).
+        answer_source: `rollout`: the first correct rollout's answer, else the reference; `reference`: always the reference.
+        val_split: Task split of the validation problems (no teachers needed).
+        val_limit: At most this many validation problems (the first ones); None: all.
+        test_split: Task split used by `qthink test`.
+        test_limit: At most this many test problems; None: all.
+        val_batch_size: Problems decoded together in validation/test; None: batch_size.
+        shuffle: Shuffle the training problems every epoch.
+        seed: Seed of the shuffling (epoch e uses seed + e).
+        trust_remote_code: Allow custom tokenizer code from the base model's repo.
+    """
+
+    def __init__(
+        self,
+        teachers: str,
+        rollouts: str | None = None,
+        task: str | None = None,
+        data_path: str | None = None,
+        task_options: dict[str, Any] | None = None,
+        base_model: str | None = None,
+        teacher_steps: int | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        max_prompt_tokens: int = 1024,
+        max_answer_tokens: int = 256,
+        answer_source: Literal["rollout", "reference"] = "rollout",
+        val_split: str = "test",
+        val_limit: int | None = 64,
+        test_split: str = "test",
+        test_limit: int | None = None,
+        val_batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        require(batch_size > 0, f"data.batch_size must be > 0 (got {batch_size})")
+        require(max_answer_tokens > 0, f"data.max_answer_tokens must be > 0 (got {max_answer_tokens})")
+        self.save_hyperparameters()
+        self.teachers, self.rollouts_dir, self.task_name, self.data_path = teachers, rollouts, task, data_path
+        self.task_options, self.base_model, self.teacher_steps = task_options or {}, base_model, teacher_steps
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.max_prompt_tokens, self.max_answer_tokens, self.answer_source = max_prompt_tokens, max_answer_tokens, answer_source
+        self.val_split, self.val_limit, self.test_split, self.test_limit = val_split, val_limit, test_split, test_limit
+        self.val_batch_size = val_batch_size or batch_size
+        self.shuffle, self.seed, self.trust_remote_code = shuffle, seed, trust_remote_code
+        self.store: TeacherStore | None = None
+        self.tokenizer = None
+        self.task = None
+        self.split: str | None = None
+        self.stats: dict[str, int] = {}
+        self.datasets: dict[str, Dataset] = {}
+
+    # ---- setup ----
+
+    def open_store(self) -> TeacherStore:
+        """Open the store and check it against the base model (and K when distilling); one-line errors."""
+        if self.store is not None:
+            return self.store
+        path = Path(self.teachers)
+        require(path.is_dir(), f"teacher store {path} does not exist; build it with `qthink teachers` or fix data.teachers")
+        manifest = TeacherStore(path, verify=False).manifest  # cheap first look, to name the base model
+        base = self.base_model or manifest.get("base_model")
+        require(base is not None, f"{path}/manifest.json names no base_model; set model.base_model")
+        built_from = str(manifest.get("base_model"))
+        require(same_model(built_from, base), f"teacher store {path} was built from base model {built_from!r} but the "
+                f"trainer uses {base!r}; rebuild the store for this base or point data.teachers at one built from it")
+        self.base_model = base
+        expect = {"hidden_size": hidden_size_of(base, self.trust_remote_code)}
+        if self.teacher_steps is not None:
+            expect["K"] = self.teacher_steps
+        self.store = TeacherStore(path, expect=expect)
+        return self.store
+
+    def setup(self, stage: str) -> None:
+        store = self.open_store()
+        if self.tokenizer is None:
+            from qthink.tasks import get_task
+
+            self.tokenizer = load_tokenizer(self.base_model, self.trust_remote_code)
+            self.task = get_task(self.task_name or store.manifest.get("task") or self._rollouts_manifest().get("task"),
+                                 **self.task_options)
+            self.split = store.manifest.get("split") or self._rollouts_manifest().get("split") or "train"
+        if stage == "fit" and "train" not in self.datasets:
+            self.datasets["train"] = TeacherDataset(self._train_examples(store), store)
+        if stage in ("fit", "validate") and "val" not in self.datasets:
+            self.datasets["val"] = EvalDataset(self._eval_examples(self.val_split, self.val_limit))
+        if stage == "test" and "test" not in self.datasets:
+            self.datasets["test"] = EvalDataset(self._eval_examples(self.test_split, self.test_limit))
+
+    def _rollouts_path(self) -> Path:
+        store_dir = Path(self.teachers)
+        named = self.rollouts_dir or self.open_store().manifest.get("rollouts") or self.open_store().manifest.get("rollouts_dir")
+        require(named is not None, f"{store_dir}/manifest.json names no rollouts directory; set data.rollouts")
+        return resolve_dir(str(named), store_dir) if self.rollouts_dir is None else Path(named)
+
+    def _rollouts_manifest(self) -> dict:
+        try:
+            return json.loads((self._rollouts_path() / "manifest.json").read_text())
+        except (OSError, UserError, json.JSONDecodeError):
+            return {}
+
+    def _encode(self, questions: list[str]) -> list[list[int]]:
+        return encode_prompts(self.tokenizer, questions, enable_thinking=False)
+
+    def _train_examples(self, store: TeacherStore) -> list[Example]:
+        tok, indices = self.tokenizer, store.problem_indices
+        records = load_records(self.task, self.split, self.data_path, max(indices) + 1)
+        require(max(indices) < len(records), f"teacher store has problem {max(indices)} but {self.task.name} "
+                f"{self.split} has {len(records)} problems; point data.data_path at the data the store was built from")
+        rollouts = read_rollouts(self._rollouts_path()) if self.answer_source == "rollout" else {}
+        think_close, eos = tok.convert_tokens_to_ids("</think>"), tok.eos_token_id
+        def is_blank(token: int) -> bool:
+            return tok.decode([token]).strip() == ""
+
+        stats = dict.fromkeys(("problems", "from_rollout", "from_reference", "dropped_long_prompt",
+                               "truncated_answer", "no_uniform_teacher", "no_weighted_teacher"), 0)
+        questions = [self.task.prompt(records[i]) for i in indices]
+        examples = []
+        for i, question, prompt in zip(indices, questions, self._encode(questions), strict=True):
+            record, answer = records[i], None
+            if rollouts:
+                require(i in rollouts, f"{self._rollouts_path()}/{ROLLOUTS_FILE} has no problem {i} of the store")
+                entry = rollouts[i]
+                require(entry.get("question", question) == question and
+                        str(entry.get("problem_id", self.task.problem_id(record))) == self.task.problem_id(record),
+                        f"rollouts problem {i} is not {self.task.name} {self.split} problem {i} "
+                        f"({entry.get('problem_id')!r}); set data.task/data.data_path/data.task_options as for the rollouts")
+                for r in entry["rollouts"]:
+                    if r.get("reward", 0) > 0 and answer is None:
+                        answer = rollout_answer_ids(r["token_ids"], think_close, eos, is_blank)
+            stats["from_rollout" if answer is not None else "from_reference"] += 1
+            if answer is None:
+                answer = tok(self.task.reference(record), add_special_tokens=False)["input_ids"] + [eos]
+            if len(prompt) > self.max_prompt_tokens:
+                stats["dropped_long_prompt"] += 1
+                continue
+            if len(answer) > self.max_answer_tokens:
+                stats["truncated_answer"] += 1
+                answer = answer[: self.max_answer_tokens]
+            row = store.row(i)
+            stats["no_uniform_teacher"] += row["num_valid"] == 0
+            stats["no_weighted_teacher"] += not (row["weighted_valid"] and row["num_valid"] > 0)
+            examples.append(Example(i, prompt, answer))
+        stats["problems"] = len(examples)
+        self.stats = stats
+        rank_zero_info(f"training data: {stats}")
+        if stats["dropped_long_prompt"]:
+            rank_zero_warn(f"dropped {stats['dropped_long_prompt']} problems with prompts over "
+                           f"data.max_prompt_tokens={self.max_prompt_tokens} tokens")
+        if stats["truncated_answer"]:
+            rank_zero_warn(f"truncated {stats['truncated_answer']} answers to data.max_answer_tokens={self.max_answer_tokens}")
+        require(examples, f"no training problems left from {self.teachers} (all prompts over data.max_prompt_tokens?)")
+        return examples
+
+    def _eval_examples(self, split: str, limit: int | None) -> list[Example]:
+        records = load_records(self.task, split, self.data_path, limit)[:limit]
+        prompts = self._encode([self.task.prompt(r) for r in records])
+        examples = [Example(i, p, record=r) for i, (p, r) in enumerate(zip(prompts, records, strict=True))
+                    if len(p) <= self.max_prompt_tokens]
+        if len(examples) < len(records):
+            rank_zero_warn(f"{split}: dropped {len(records) - len(examples)} of {len(records)} problems with prompts "
+                           f"over data.max_prompt_tokens={self.max_prompt_tokens} tokens")
+        return examples
+
+    # ---- loaders ----
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        rank, world = self._rank_world()
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        require(world == 1 or not getattr(connector, "use_distributed_sampler", False),
+                "set trainer.use_distributed_sampler: false; TeacherDataModule shards the data itself (resumably)")
+        sampler = ResumableSampler(len(self.datasets["train"]), self.seed, self.shuffle, rank, world)
+        return ResumableDataLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler,
+                                   num_workers=self.num_workers, collate_fn=partial(collate_train, pad_id=self.tokenizer.pad_token_id))
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        rank, world = self._rank_world()
+        examples = self.datasets[name].examples[rank::world]  # no padding: every problem is scored once
+        return DataLoader(EvalDataset(examples), batch_size=self.val_batch_size, num_workers=self.num_workers,
+                          collate_fn=partial(collate_eval, pad_id=self.tokenizer.pad_token_id))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

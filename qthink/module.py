@@ -1,0 +1,367 @@
+"""`QThinkModule`: the LightningModule that trains QThink (LoRA on a frozen base + the projection head).
+
+    loss = CE(answer | prompt, K latents) + gamma * sum_k L1(h_k, t_k)
+
+`h_k` is the student's hidden state after latent step k (`qthink.latent.think`), `t_k` the teacher state
+for that step from the teacher store (uniform or reward-weighted mean over rollouts). The latent loop,
+the answer pass and the chunked cross-entropy are `qthink.latent`'s; this module only adds the losses,
+the optimizer, metrics, and checkpoints that hold the trainable weights alone.
+
+Precision comes from the Trainer (`bf16-mixed` on GPUs): weights are loaded in float32, so the LoRA
+adapters, the head and AdamW's state stay float32 while matmuls run in bf16; the losses are float32.
+HF gradient checkpointing stays off: in training mode it silently drops the KV cache the latent loop
+relies on (notes/lightning-ecosystem.md, section 4).
+"""
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from qthink.errors import UserError, require
+from qthink.latent import ProjectionHead, answer_hidden, answer_loss, generate, model_parts, think
+from qthink.model import QThink, load_base
+
+log = logging.getLogger(__name__)
+
+Distill = Literal["per_step", "final_step", "none"]
+Teacher = Literal["uniform", "weighted"]
+QWEN3_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraArgs:
+    """LoRA adapters (peft) on the frozen base model.
+
+    Args:
+        r: Adapter rank; 0 trains the projection head alone (no adapters).
+        alpha: Scaling numerator: the adapter update is scaled by alpha / r (the seed: 16 / 32).
+        dropout: Dropout on the adapter input (0 keeps training deterministic).
+        target_modules: Linear layers that get adapters: every attention and MLP projection of a Qwen3 block.
+    """
+
+    r: int = 32
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = QWEN3_PROJECTIONS
+
+
+class NonFiniteLossError(UserError):
+    """The loss or the gradient norm became NaN/inf; raised before the optimizer step that would spread it."""
+
+
+# ---- the math, as small pure functions ----
+
+
+def mean_row_ce(hidden: Tensor, lm_head: nn.Module, labels: Tensor) -> Tensor:
+    """Cross-entropy averaged over each row's answer tokens, then over rows (float32).
+
+    At batch 1 this is the token mean of the seed's recipe; at batch B it equals the seed's
+    1 x B gradient accumulation exactly, so batching changes speed, not the objective.
+    Rows without a labelled token do not count.
+    """
+    per_row = []
+    for h, y in zip(hidden, labels, strict=True):
+        total, count = answer_loss(h, lm_head, y)
+        if count > 0:
+            per_row.append(total / count)
+    require(len(per_row) > 0, "a training batch has no answer tokens; check data.max_answer_tokens")
+    return torch.stack(per_row).mean()
+
+
+def l1_per_step(latents: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """[K] L1 per latent step: |h_k - t_k| averaged over hidden dims, then over rows with a valid teacher.
+
+    Steps are 0 where no row of the batch has a valid teacher (those rows train on CE alone).
+    """
+    per_row = (latents.float() - targets.float()).abs().mean(-1)  # [B, K]
+    weight = valid.to(per_row.dtype)[:, None]
+    return (per_row * weight).sum(0) / weight.sum().clamp(min=1.0)
+
+
+def distill_term(l1_steps: Tensor, mode: Distill) -> Tensor:
+    """What gamma multiplies: the sum over steps (per_step), the last step only (final_step, CODI), or 0."""
+    if mode == "per_step":
+        return l1_steps.sum()
+    if mode == "final_step":
+        return l1_steps[-1]
+    return l1_steps.new_zeros(())
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over `warmup` optimizer steps, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def teacher_targets(batch: dict, teacher: Teacher) -> tuple[Tensor, Tensor]:
+    """The chosen teacher [B,K,H] and which rows have one (`weighted` needs a correct rollout)."""
+    valid = batch["num_valid"] > 0
+    if teacher == "weighted":
+        return batch["teacher_weighted"], valid & batch["weighted_valid"]
+    return batch["teacher_uniform"], valid
+
+
+class QThinkModule(L.LightningModule):
+    """LoRA + projection head trained with answer CE and per-step L1 distillation to stored teacher states.
+
+    Args:
+        base_model: Base model directory or Hugging Face repo id (e.g. Qwen/Qwen3-1.7B); loaded in float32.
+        lora: LoRA adapter settings.
+        latent_steps: K, the number of latent passes between the prompt and the answer (0 = plain SFT).
+        distill: Which latent steps get the L1 loss: every step, the last step only (CODI-style), or none.
+        teacher: Teacher states: `uniform` = mean over all valid rollouts, `weighted` = over correct ones.
+        gamma: Weight of the summed L1 distillation loss against the answer cross-entropy.
+        lr: Peak AdamW learning rate (reached after warmup).
+        weight_decay: AdamW weight decay on matrices (biases and LayerNorm are never decayed).
+        warmup_ratio: Warmup length as a fraction of all optimizer steps (used when warmup_steps is None).
+        warmup_steps: Warmup length in optimizer steps; overrides warmup_ratio.
+        min_lr_ratio: The cosine decay ends at lr * min_lr_ratio.
+        seed: Seed of the LoRA and head initialisation (the same on every rank).
+        val_max_new_tokens: Greedy decoding budget per validation answer.
+        val_task: Task whose grader scores validation; None: the datamodule's task.
+        val_log_samples: Decoded validation answers written to TensorBoard as text per validation run.
+        trust_remote_code: Allow custom model code from the base model's repo.
+    """
+
+    def __init__(
+        self,
+        base_model: str,
+        lora: LoraArgs = LoraArgs(),  # noqa: B008 (frozen dataclass: a shared default is safe)
+        latent_steps: int = 6,
+        distill: Distill = "per_step",
+        teacher: Teacher = "uniform",
+        gamma: float = 2.0,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        warmup_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        seed: int = 0,
+        val_max_new_tokens: int = 256,
+        val_task: str | None = None,
+        val_log_samples: int = 4,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        lora_args = LoraArgs(**lora) if isinstance(lora, dict) else lora
+        lora = asdict(lora_args)  # hparams hold plain types (checkpoints load with weights_only=True)
+        require(latent_steps >= 0, f"model.latent_steps must be >= 0 (got {latent_steps})")
+        require(distill == "none" or latent_steps > 0,
+                f"model.distill={distill} needs model.latent_steps > 0; use distill: none for K=0 (plain SFT)")
+        require(gamma >= 0, f"model.gamma must be >= 0 (got {gamma})")
+        require(lora_args.r >= 0, f"model.lora.r must be >= 0 (got {lora_args.r})")
+        require(0 <= min_lr_ratio <= 1, f"model.min_lr_ratio must be in [0, 1] (got {min_lr_ratio})")
+        self.save_hyperparameters()
+        self.base_model, self.lora = base_model, lora_args
+        self.latent_steps, self.distill, self.teacher, self.gamma = latent_steps, distill, teacher, gamma
+        self.lr, self.weight_decay, self.min_lr_ratio = lr, weight_decay, min_lr_ratio
+        self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
+        self.seed, self.trust_remote_code = seed, trust_remote_code
+        self.val_max_new_tokens, self.val_task, self.val_log_samples = val_max_new_tokens, val_task, val_log_samples
+        self.model: nn.Module | None = None
+        self.head: ProjectionHead | None = None
+        self.tokenizer = None
+        self.eval_metrics: nn.ModuleDict | None = None
+        self._task_obj = None
+        self._batch_start = 0.0
+        self.strict_loading = False  # checkpoints hold the trainable weights only
+
+    # ---- model ----
+
+    def configure_model(self) -> None:
+        """Load the base (float32), freeze it, add LoRA and build the head; idempotent (Lightning may call twice)."""
+        if self.model is not None:
+            return
+        model, tokenizer = load_base(self.base_model, torch.float32, self.trust_remote_code)
+        model.requires_grad_(False).train()  # train mode like the rest of the module (Qwen3 has no dropout)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft 0.21 on transformers 5.24
+            torch.manual_seed(self.seed)  # identical adapters and head on every rank and every rebuild
+            if self.lora.r > 0:
+                from peft import LoraConfig, get_peft_model
+
+                config = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
+                                    target_modules=list(self.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+                model = get_peft_model(model, config)
+            head = ProjectionHead(model.config.hidden_size)
+        head.requires_grad_(self.latent_steps > 0)  # K = 0 never calls the head: DDP must not wait for its grads
+        self.model, self.head, self.tokenizer = model, head, tokenizer
+
+    def trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def as_qthink(self) -> QThink:
+        """The current weights as a `QThink` (adapters unmerged): generate with it exactly like an export."""
+        return QThink(self.model, self.tokenizer, self.head, self.latent_steps, self.training_info())
+
+    def training_info(self) -> dict[str, Any]:
+        """How this model is trained, for qthink.json."""
+        return {"base_model": self.base_model, "latent_steps": self.latent_steps, "distill": self.distill,
+                "teacher": self.teacher, "gamma": self.gamma, "lora": asdict(self.lora), "lr": self.lr,
+                "seed": self.seed}
+
+    # ---- training ----
+
+    def compute_losses(self, batch: dict) -> dict[str, Tensor]:
+        """`loss`, `ce`, `distill` and, when a teacher of matching K is in the batch, per-step diagnostics."""
+        state = think(self.model, self.head, batch["prompt_ids"], batch["prompt_mask"], self.latent_steps)
+        hidden = answer_hidden(self.model, state, batch["answer_ids"], batch["answer_mask"])
+        ce = mean_row_ce(hidden, model_parts(self.model)[1], batch["labels"])
+        out = {"ce": ce, "distill": ce.new_zeros(())}
+        k = self.latent_steps
+        has_teacher = k > 0 and "teacher_uniform" in batch and batch["teacher_uniform"].shape[1] == k
+        if self.distill != "none":
+            got = batch["teacher_uniform"].shape[1] if "teacher_uniform" in batch else None
+            require(has_teacher, f"the batch's teacher has K={got} but model.latent_steps={k}; "
+                    "use a teacher store built with the same K")
+        if has_teacher:
+            targets, valid = teacher_targets(batch, self.teacher)
+            l1 = l1_per_step(state.latents, targets, valid)
+            out["distill"] = distill_term(l1, self.distill)
+            out.update(self._diagnostics(state.latents.detach().float(), targets.float(), valid, l1.detach()))
+        out["loss"] = ce + self.gamma * out["distill"]
+        return out
+
+    @staticmethod
+    def _diagnostics(latents: Tensor, targets: Tensor, valid: Tensor, l1: Tensor) -> dict[str, Tensor]:
+        n = valid.float().sum().clamp(min=1.0)
+        cos = (F.cosine_similarity(latents, targets, dim=-1) * valid[:, None]).sum(0) / n
+        norm_t = (targets.norm(dim=-1) * valid[:, None]).sum(0) / n
+        norm_h = latents.norm(dim=-1).mean(0)
+        out = {}
+        for k in range(latents.shape[1]):
+            out |= {f"l1_step_{k + 1}": l1[k], f"cos_step_{k + 1}": cos[k],
+                    f"norm_h_{k + 1}": norm_h[k], f"norm_t_{k + 1}": norm_t[k]}
+        return out
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = self.compute_losses(batch)
+        loss = losses["loss"]
+        self._require_finite(loss, f"loss is {loss.item()}", batch_idx)  # before backward and the optimizer
+        size = batch["prompt_ids"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=size)
+        return loss
+
+    def _require_finite(self, value: Tensor, what: str, batch_idx: int) -> None:
+        finite = bool(torch.isfinite(value).all())
+        if self._trainer is not None:  # every rank raises together instead of one waiting in all-reduce
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            raise NonFiniteLossError(
+                f"{what} at global step {self.global_step}, batch {batch_idx} (epoch {self.current_epoch}); stopped "
+                "before the optimizer step, so no checkpoint holds non-finite weights. Check the teacher store for "
+                "NaN/inf, lower model.lr, or train in bf16-mixed/32-true rather than 16-mixed"
+            )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad.detach().float() for p in self.parameters() if p.requires_grad and p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
+        if norm is not None:
+            self._require_finite(norm, f"gradient norm is {norm.item()}", self.trainer.fit_loop.batch_idx)
+            self.log("train/grad_norm", norm)  # before clipping (the Trainer clips after this hook)
+        self.log("lr", optimizer.param_groups[0]["lr"])
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        tokens = batch["prompt_mask"].sum() + batch["answer_mask"].sum() + batch["prompt_ids"].shape[0] * self.latent_steps
+        seconds = max(time.perf_counter() - self._batch_start, 1e-9)
+        self.log("train/tokens_per_s", float(tokens) / seconds)  # this rank's throughput, backward included
+
+    # ---- validation / test: latent greedy decoding graded by the task ----
+
+    def _task(self):
+        if self._task_obj is None:
+            from qthink.tasks import get_task
+
+            datamodule = self._trainer.datamodule if self._trainer is not None else None
+            if self.val_task is not None:
+                self._task_obj = get_task(self.val_task)
+            elif datamodule is not None and getattr(datamodule, "task", None) is not None:
+                self._task_obj = datamodule.task
+        return self._task_obj
+
+    def setup(self, stage: str) -> None:
+        task = self._task()
+        if task is not None and self.eval_metrics is None:
+            self.eval_metrics = nn.ModuleDict(
+                {s: nn.ModuleDict({m: MeanMetric() for m in task.metrics}) for s in ("val", "test")}
+            )
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
+        task = self._task()
+        require(task is not None and self.eval_metrics is not None,
+                "validation needs a task: set model.val_task or use TeacherDataModule")
+        tok = self.tokenizer
+        gen = generate(self.model, self.head, batch["prompt_ids"], batch["prompt_mask"], self.latent_steps,
+                       self.val_max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+        metrics = self.eval_metrics[stage]
+        samples = []
+        for row, record in enumerate(batch["records"]):
+            text = tok.decode(gen.tokens[row, : gen.lengths[row]].tolist(), skip_special_tokens=True)
+            scores = task.grade(text, record)
+            for name in task.metrics:
+                metrics[name].update(float(scores[name]))
+            samples.append((task.prompt(record), text, task.reference(record), scores[task.metrics[0]]))
+        size = len(batch["records"])
+        for name, metric in metrics.items():  # torchmetrics syncs across DDP ranks at epoch end
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=size, prog_bar=True)
+        if batch_idx == 0 and self.global_rank == 0:
+            self._log_samples(stage, samples[: self.val_log_samples])
+
+    def _log_samples(self, stage: str, samples: list[tuple]) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        def cell(s: str) -> str:
+            return str(s).replace("|", "\\|").replace("\n", " ")
+
+        rows = ["| question | output | reference | score |", "|---|---|---|---|"]
+        rows += [f"| {cell(q)} | {cell(o)} | {cell(r)} | {s} |" for q, o, r, s in samples]
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text(f"{stage}/samples", "\n".join(rows), self.global_step)
+
+    # ---- optimizer ----
+
+    def configure_optimizers(self) -> dict:
+        """AdamW over the trainable parameters only; warmup + cosine stepped per optimizer step."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.warmup_steps if self.warmup_steps is not None else round(self.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, warmup, total, self.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints hold trainable weights only ----
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = sorted(self.trainable_names() - set(checkpoint["state_dict"]))
+        require(not missing, f"checkpoint lacks {len(missing)} trainable weights (e.g. {missing[0] if missing else ''}); "
+                "it was saved with other LoRA/K settings: resume with the config it was trained with")
