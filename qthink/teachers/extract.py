@@ -1,0 +1,418 @@
+"""`qthink teachers`: the teacher hidden-state store, extracted from rollouts (contracts 2 and 3).
+
+    qthink teachers --base Qwen/Qwen3-1.7B --rollouts rollouts --out teachers -K 6
+
+One teacher-forced pass per rollout over prompt (thinking on) + the rollout's own tokens, under
+`torch.inference_mode()`, through the decoder only: the LM head never runs, so no [tokens, vocab] logits
+exist. Three things keep the pass cheap:
+- a sequence stops at its last think token (causal attention: later tokens cannot change it);
+- batches are length-bucketed (the rollouts of a shard sorted by length) and right-padded, so no
+  attention mask is passed: with causal attention a real token never sees the padding after it, and
+  SDPA / flash attention keep their mask-free causal kernels;
+- only the K rows per rollout are gathered from `last_hidden_state` (post-norm) and kept, in float32.
+Per problem, `uniform` is the mean over its valid rollouts and `weighted` the reward-weighted mean
+(binary rewards: the mean over the correct ones), both in float32, stored in `--dtype`.
+
+Problems are cut into fixed shards of `--shard-size` (in problem-index order); each shard is written
+atomically (`write_shard`) and recorded in a progress file, so a rerun skips whole shards and rebuilds
+the same bytes. Under `torchrun` rank r computes shards r, r+W, ...; rank 0 writes the manifest last.
+"""
+
+import argparse
+import gc
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from qthink.errors import UserError, require
+from qthink.latent import model_parts
+from qthink.model import encode_prompts, load_base, parse_dtype
+from qthink.teachers import distributed
+from qthink.teachers.positions import SCHEMES, content_positions, think_span
+from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
+from qthink.teachers.store import MANIFEST, atomic_write_text, sha256_file, write_manifest, write_shard
+
+STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+HIDDEN_STATE = "post-norm last layer (last_hidden_state)"
+PROGRESS = "progress.json"
+COUNT_KEYS = ("problems", "rollouts", "valid", "excluded_unclosed", "excluded_empty", "correct_valid",
+              "weighted_valid", "without_valid")
+
+
+def special_ids(tokenizer) -> tuple[int, int, int]:
+    """Ids of `<think>`, `</think>` and `<|im_start|>` (which opens the assistant turn)."""
+    return tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>", "<|im_start|>"))
+
+
+def rollout_positions(prompt: list[int], rollout: list[int], specials: tuple[int, int, int], scheme: str, k: int,
+                      tokenizer, task_offsets=None) -> tuple[str, list[int], list[int]]:
+    """("valid" | "unclosed" | "empty", prompt + rollout ids, absolute positions of the K teacher states).
+
+    The think block is looked for from the start of the assistant turn, so a generation prompt that
+    already opens `<think>` works too; its close must be in the rollout.
+    """
+    think_id, end_id, im_start = specials
+    ids = prompt + rollout
+    turn = max((i for i, t in enumerate(prompt) if t == im_start), default=len(prompt))
+    span = think_span(ids, think_id, end_id, turn)
+    if span is None or span[1] < len(prompt):
+        return "unclosed", ids, []
+    start, end = span[0] + 1, span[1]
+    if end == start:
+        return "empty", ids, []
+    return "valid", ids, [start + p for p in content_positions(scheme, tokenizer, ids[start:end], k, task_offsets)]
+
+
+@torch.inference_mode()
+def extract_states(decoder: nn.Module, seqs: list[list[int]], positions: list[list[int]], pad_id: int,
+                   batch_size: int, device: torch.device) -> list[Tensor]:
+    """Post-norm last-layer states [K, H] (float32, CPU) of each sequence at its positions."""
+    out: list[Tensor | None] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first: an OOM shows at once
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = len(seqs[rows[0]])
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        for b, i in enumerate(rows):
+            ids[b, : len(seqs[i])] = torch.tensor(seqs[i])
+        pos = torch.arange(width).expand(len(rows), -1)
+        hidden = decoder(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).last_hidden_state
+        index = torch.tensor([positions[i] for i in rows], device=device)
+        gathered = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])).float().cpu()
+        for b, i in enumerate(rows):
+            out[i] = gathered[b]
+    return out  # type: ignore[return-value]
+
+
+def aggregate(states: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """(uniform, weighted, weighted_valid) from the valid rollouts' states [n, K, H] and rewards [n].
+
+    float32; zeros (never NaN) where there is nothing to average. Negative rewards count as 0.
+    """
+    states = states.float()
+    if states.shape[0] == 0:
+        zeros = states.new_zeros(states.shape[1:])
+        return zeros, zeros.clone(), False
+    weights = rewards.float().clamp(min=0)
+    uniform = states.mean(0)
+    if float(weights.sum()) <= 0:
+        return uniform, torch.zeros_like(uniform), False
+    return uniform, (weights[:, None, None] * states).sum(0) / weights.sum(), True
+
+
+def task_step_offsets(task_name: str | None) -> Callable | None:
+    """The task's `step_offsets` (synthetic's `=` rule), or None to use the general step rule."""
+    if not task_name:
+        return None
+    from qthink.tasks import TASKS, get_task
+
+    return get_task(task_name).step_offsets if task_name in TASKS else None
+
+
+def build_shard(decoder, tokenizer, problems: list[dict], k: int, scheme: str, batch_size: int, device,
+                store_dtype: torch.dtype, task_offsets=None, where: str = "") -> tuple[dict, dict]:
+    """The shard tensors and counts for `problems` (parsed rollouts lines, in problem-index order)."""
+    specials = special_ids(tokenizer)
+    vocab = decoder.get_input_embeddings().num_embeddings
+    prompts = encode_prompts(tokenizer, [p["question"] for p in problems], enable_thinking=True)
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    seqs, positions, owner = [], [], []
+    for slot, (problem, prompt) in enumerate(zip(problems, prompts, strict=True)):
+        for j, r in enumerate(problem["rollouts"]):
+            require(all(0 <= t < vocab for t in r["token_ids"]), f"{where}: problem {problem['problem_index']} "
+                    f"rollout {j} has token ids outside the model's vocabulary of {vocab}; were the rollouts made "
+                    "with another tokenizer?")
+            status, ids, pos = rollout_positions(prompt, r["token_ids"], specials, scheme, k, tokenizer, task_offsets)
+            counts["rollouts"] += 1
+            if status != "valid":
+                counts[f"excluded_{status}"] += 1
+                continue
+            seqs.append(ids[: max(pos) + 1])  # nothing after the last position can change it (causal)
+            positions.append(pos)
+            owner.append((slot, float(r["reward"])))
+    states = extract_states(decoder, seqs, positions, tokenizer.pad_token_id, batch_size, device)
+    hidden = decoder.config.hidden_size
+    per_problem: list[list[tuple[Tensor, float]]] = [[] for _ in problems]
+    for (slot, reward), s in zip(owner, states, strict=True):
+        per_problem[slot].append((s, reward))
+    uniform, weighted, valid_w, num_valid, without = [], [], [], [], []
+    for slot, items in enumerate(per_problem):
+        st = torch.stack([s for s, _ in items]) if items else torch.zeros(0, k, hidden)
+        u, w, ok = aggregate(st, torch.tensor([r for _, r in items]))
+        uniform.append(u.to(store_dtype))
+        weighted.append(w.to(store_dtype))
+        valid_w.append(ok)
+        num_valid.append(len(items))
+        counts["valid"] += len(items)
+        counts["correct_valid"] += sum(r > 0 for _, r in items)
+        if not items:
+            without.append(problems[slot]["problem_index"])
+    counts.update(problems=len(problems), weighted_valid=sum(valid_w), without_valid=len(without),
+                  max_rollouts=max(len(p["rollouts"]) for p in problems))
+    tensors = {
+        "problem_index": torch.tensor([p["problem_index"] for p in problems], dtype=torch.int64),
+        "uniform": torch.stack(uniform), "weighted": torch.stack(weighted),
+        "weighted_valid": torch.tensor(valid_w, dtype=torch.bool), "num_valid": torch.tensor(num_valid, dtype=torch.int32),
+    }
+    return tensors, {**counts, "problems_without_valid": without}
+
+
+# ---- resumable, multi-process store building ----
+
+def check_settings(path: Path, have: dict, want: dict) -> None:
+    for key, value in want.items():
+        require(have.get(key) == value, f"{path}: this run's {key} is {value!r} but the existing store used "
+                f"{have.get(key)!r}; rerun with the same {key} or choose another --out")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}); delete it to rebuild") from e
+
+
+def finished_shards(out: Path, settings: dict) -> dict[str, dict]:
+    """Shard entries already written whole (progress files, checked against the settings and sha256)."""
+    found: dict[str, dict] = {}
+    for path in [out / PROGRESS, *sorted(out.glob("progress-rank*.json"))]:
+        if path.is_file():
+            progress = read_json(path)
+            check_settings(path, progress.get("settings", {}), settings)
+            for entry in progress["shards"]:
+                file = out / entry["file"]
+                if file.is_file() and sha256_file(file) == entry["sha256"]:
+                    found[entry["file"]] = entry
+    return found
+
+
+def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6, dtype: str = "bfloat16",
+                   batch_size: int = 16, position_scheme: str = "linspace", shard_size: int = 256,
+                   model_dtype: str = "auto", device: str | None = None,
+                   on_shard: Callable[[dict], None] | None = None) -> dict:
+    """Build (or finish) the teacher store `out` from the rollouts directory `rollouts`; returns the
+    manifest. `on_shard(entry)` is called after each shard is on disk."""
+    require(K >= 1, f"-K must be >= 1 (got {K})")
+    require(dtype in STORE_DTYPES, f"--dtype {dtype!r}: use one of {', '.join(STORE_DTYPES)}")
+    require(position_scheme in SCHEMES, f"--position-scheme {position_scheme!r}: use one of {', '.join(SCHEMES)}")
+    require(batch_size >= 1 and shard_size >= 1, "--batch-size and --shard-size must be >= 1")
+    ranks, dev = distributed.setup(device)
+    rollouts, out = Path(rollouts), Path(out)
+    rmanifest, entries = read_rollouts(rollouts)
+    require(len(entries) > 0, f"{rollouts / ROLLOUTS} holds no problems")
+    settings = {"base_model": str(base), "rollouts": str(rollouts), "rollouts_sha256": sha256_file(rollouts / ROLLOUTS),
+                "K": K, "position_scheme": position_scheme, "dtype": dtype, "model_dtype": model_dtype,
+                "shard_size": shard_size, "hidden_state": HIDDEN_STATE}
+    if rmanifest.get("base_model") not in (None, str(base)) and ranks.is_main:
+        print(f"warning: rollouts were sampled from {rmanifest['base_model']}, extracting with {base}")
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / MANIFEST).is_file():
+            check_settings(out / MANIFEST, read_json(out / MANIFEST), settings)
+    distributed.barrier()
+    done = finished_shards(out, settings)
+    n_shards = (len(entries) + shard_size - 1) // shard_size
+    mine = [s for s in ranks.units(n_shards) if f"shard-{s:05d}.safetensors" not in done]
+    own_progress, own = out / f"progress-rank{ranks.rank}.json", list(done.values())  # keeps what it rewrites
+    if mine:
+        model, tokenizer = load_base(base, parse_dtype(model_dtype))
+        decoder = model_parts(model.to(dev))[0]
+        offsets = task_step_offsets(rmanifest.get("task")) if position_scheme == "steps" else None
+        path = rollouts / ROLLOUTS
+        for s in mine:
+            chunk = entries[s * shard_size : (s + 1) * shard_size]
+            problems = [parse_line(path, 0, read_line(path, off, n)) for _, off, n in chunk]
+            tensors, counts = build_shard(decoder, tokenizer, problems, K, position_scheme, batch_size, dev,
+                                          STORE_DTYPES[dtype], offsets, str(path))
+            entry = {**write_shard(out, s, tensors), "counts": counts}
+            own.append(entry)
+            atomic_write_text(own_progress, json.dumps({"settings": settings, "shards": own}) + "\n")
+            if ranks.is_main:
+                print(f"shard {s + 1}/{n_shards}: {counts['problems']} problems, {counts['valid']}/{counts['rollouts']} "
+                      "valid rollouts", flush=True)
+            if on_shard is not None:
+                on_shard(entry)
+        del model, decoder
+    distributed.barrier()
+    manifest = {}
+    if ranks.is_main:
+        manifest = finish_store(out, settings, rmanifest, n_shards, model_hidden(base))
+    distributed.barrier()
+    return manifest if ranks.is_main else read_json(out / MANIFEST)
+
+
+def model_hidden(base: str) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(base).hidden_size)
+
+
+def finish_store(out: Path, settings: dict, rmanifest: dict, n_shards: int, hidden: int) -> dict:
+    """Rank 0, after every rank is done: merge the progress files and write the manifest (last)."""
+    done = finished_shards(out, settings)
+    names = [f"shard-{s:05d}.safetensors" for s in range(n_shards)]
+    missing = [n for n in names if n not in done]
+    require(not missing, f"{out}: shards {missing[:3]} were not written; rerun `qthink teachers`")
+    shards = [done[n] for n in names]
+    counts = {key: sum(e["counts"][key] for e in shards) for key in COUNT_KEYS}
+    without = [i for e in shards for i in e["counts"]["problems_without_valid"]]
+    G = rmanifest.get("G") or max(e["counts"]["max_rollouts"] for e in shards)
+    manifest = {**settings, "hidden_size": hidden, "G": G, "task": rmanifest.get("task"),
+                "split": rmanifest.get("split"), "counts": counts, "problems_without_valid": without,
+                "shards": [{k: e[k] for k in ("file", "rows", "sha256")} for e in shards]}
+    atomic_write_text(out / PROGRESS, json.dumps({"settings": settings, "shards": shards}) + "\n")
+    for path in out.glob("progress-rank*.json"):
+        path.unlink()
+    for path in out.glob(".*.tmp"):  # leftovers of a killed run; never listed in a manifest
+        path.unlink()
+    write_manifest(out, manifest)
+    return read_json(out / MANIFEST)
+
+
+def summary_lines(manifest: dict, seconds: float | None = None) -> list[str]:
+    c = manifest["counts"]
+    took = f" in {seconds:.1f}s ({c['valid'] / max(seconds, 1e-9):.1f} rollouts/s)" if seconds else ""
+    lines = [f"teacher store: {c['problems']} problems, K={manifest['K']}, H={manifest['hidden_size']}, "
+             f"{manifest['position_scheme']} positions, {manifest['dtype']}, {len(manifest['shards'])} shards{took}",
+             f"rollouts: {c['rollouts']} total, {c['valid']} valid ({c['correct_valid']} correct), excluded "
+             f"{c['excluded_unclosed']} without a closed think block and {c['excluded_empty']} with an empty one",
+             f"problems: {c['weighted_valid']} with a correct valid rollout (weighted_valid)"]
+    if c["without_valid"]:
+        shown = ", ".join(map(str, manifest["problems_without_valid"][:20]))
+        more = " ..." if c["without_valid"] > 20 else ""
+        lines.append(f"warning: {c['without_valid']} problems have no valid rollout (kept with num_valid 0 and "
+                     f"zero targets): {shown}{more}")
+    return lines
+
+
+# ---- the `qthink teachers` subcommand ----
+
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="base model directory or Hugging Face repo id (the rollouts' model)")
+    p.add_argument("--rollouts", required=True, help="rollouts directory written by `qthink rollouts`")
+    p.add_argument("--out", required=True, help="output teacher store directory")
+    p.add_argument("-K", type=int, default=6, help="teacher positions per rollout = latent steps (default 6)")
+    p.add_argument("--dtype", default="bfloat16", choices=list(STORE_DTYPES), help="stored dtype (default bfloat16)")
+    p.add_argument("--batch-size", type=int, default=16, help="rollouts per forward pass (length-bucketed)")
+    p.add_argument("--position-scheme", default="linspace", choices=list(SCHEMES),
+                   help="linspace: evenly spaced in the think block (default); steps: on reasoning-step boundaries")
+    p.add_argument("--shard-size", type=int, default=256, help="problems per shard file (default 256)")
+    p.add_argument("--model-dtype", default="auto", help="compute dtype: float32 | bfloat16 | float16 | auto")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+
+
+def cli_main(args) -> int:
+    start = time.perf_counter()
+    try:
+        manifest = build_teachers(args.base, args.rollouts, args.out, args.K, args.dtype, args.batch_size,
+                                  args.position_scheme, args.shard_size, args.model_dtype, args.device)
+    finally:
+        distributed.teardown()
+    if distributed.env_ranks().is_main:
+        print("\n".join(summary_lines(manifest, time.perf_counter() - start)))
+    return 0
+
+
+# ---- `qthink bench teachers`: this extractor against the naive full forward ----
+
+def _rss_kib(field: str) -> int:
+    match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) if match else 0
+
+
+def measure(fn: Callable[[], object], device: torch.device) -> tuple[object, float, float]:
+    """(result, seconds, peak MiB above the start): CUDA allocator peak, or on CPU the process's resident
+    peak (VmHWM, reset through /proc/self/clear_refs after returning freed heap with malloc_trim)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        before = _rss_kib("VmRSS") * 1024
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _rss_kib("VmHWM") * 1024
+    return result, time.perf_counter() - start, (peak - before) / 2**20
+
+
+@torch.inference_mode()
+def naive_states(model: nn.Module, seqs: list[list[int]], positions: list[list[int]], pad_id: int,
+                 batch_size: int, device: torch.device) -> list[Tensor]:
+    """The usual way: full sequences, attention mask, `output_hidden_states=True`, logits everywhere."""
+    out: list[Tensor | None] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = len(seqs[rows[0]])
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, i in enumerate(rows):
+            ids[b, : len(seqs[i])], mask[b, : len(seqs[i])] = torch.tensor(seqs[i]), 1
+        result = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+        last = result.hidden_states[-1]
+        for b, i in enumerate(rows):
+            out[i] = last[b, positions[i]].float().cpu()
+    return out  # type: ignore[return-value]
+
+
+def bench_teachers(base_dir: str | Path, rollouts: str | Path | None = None, K: int = 6, batch_size: int = 16,
+                   problems: int = 64, G: int = 4, model_dtype: str = "float32", device: str | None = None) -> dict:
+    """Extraction speed and peak memory of `extract_states` vs `naive_states` on the same rollouts (a
+    rollouts directory, or the synthetic task's reference rollouts written to a temporary one), one
+    run each, and the largest difference between the states they return."""
+    import tempfile
+
+    from qthink.teachers.rollouts import write_reference_rollouts
+
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        if rollouts is None:
+            rollouts = write_reference_rollouts(str(base_dir), Path(tmp) / "rollouts", n=problems, G=G)
+        path = Path(rollouts) / ROLLOUTS
+        loaded = [parse_line(path, 0, read_line(path, off, n)) for _, off, n in read_rollouts(rollouts)[1]]
+    model, tokenizer = load_base(str(base_dir), parse_dtype(model_dtype))
+    model = model.to(dev)
+    specials = special_ids(tokenizer)
+    prompts = encode_prompts(tokenizer, [p["question"] for p in loaded], enable_thinking=True)
+    full, cut, positions = [], [], []
+    for problem, prompt in zip(loaded, prompts, strict=True):
+        for r in problem["rollouts"]:
+            status, ids, pos = rollout_positions(prompt, r["token_ids"], specials, "linspace", K, tokenizer)
+            if status == "valid":
+                full.append(ids)
+                cut.append(ids[: max(pos) + 1])
+                positions.append(pos)
+    require(len(full) > 0, f"{rollouts}: no rollout with a closed, non-empty think block to benchmark on")
+    decoder = model_parts(model)[0]
+    extract_states(decoder, cut[:batch_size], positions[:batch_size], tokenizer.pad_token_id, batch_size, dev)  # warm-up
+    ours, ours_s, ours_mib = measure(lambda: extract_states(decoder, cut, positions, tokenizer.pad_token_id,
+                                                            batch_size, dev), dev)
+    naive, naive_s, naive_mib = measure(lambda: naive_states(model, full, positions, tokenizer.pad_token_id,
+                                                             batch_size, dev), dev)
+    diff = max(float((a - b).abs().max()) for a, b in zip(ours, naive, strict=True))
+    scale = max(float(b.abs().max()) for b in naive)
+    return {
+        "device": str(dev), "model_dtype": model_dtype, "rollouts": len(full), "K": K, "batch_size": batch_size,
+        "mean_tokens": sum(map(len, full)) / len(full),
+        "extractor": {"rollouts_per_s": len(full) / ours_s, "seconds": ours_s, "peak_mib": ours_mib},
+        "naive": {"rollouts_per_s": len(full) / naive_s, "seconds": naive_s, "peak_mib": naive_mib},
+        "speedup": naive_s / ours_s, "memory_ratio": naive_mib / max(ours_mib, 1e-9),
+        "max_abs_diff": diff, "equal": diff <= 1e-4 * max(scale, 1.0),
+    }
