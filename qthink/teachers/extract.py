@@ -414,5 +414,5 @@ def bench_teachers(base_dir: str | Path, rollouts: str | Path | None = None, K: 
         "extractor": {"rollouts_per_s": len(full) / ours_s, "seconds": ours_s, "peak_mib": ours_mib},
         "naive": {"rollouts_per_s": len(full) / naive_s, "seconds": naive_s, "peak_mib": naive_mib},
         "speedup": naive_s / ours_s, "memory_ratio": naive_mib / max(ours_mib, 1e-9),
-        "max_abs_diff": diff, "equal": diff <= 1e-4 * max(scale, 1.0),
+        "max_abs_diff": diff, "equal": diff <= (1e-4 if model.dtype == torch.float32 else 3e-2) * max(scale, 1.0),
     }

@@ -237,6 +237,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
     require(batch_size >= 1, f"--batch-size must be >= 1 (got {batch_size})")
     require(max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
     require(temperature > 0, f"--temperature must be > 0 (got {temperature}); rollouts are sampled")
+    require(limit is None or limit >= 1, f"--limit must be >= 1 (got {limit})")
     ranks, dev = distributed.setup(device)
     out = Path(out)
     task_obj = get_task(task)
