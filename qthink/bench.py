@@ -420,7 +420,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--json", help="write the rows to this JSON file")
     common.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
     common.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for a small model on CPU)")
     infer = argparse.ArgumentParser(add_help=False)
     infer.add_argument("--batch-sizes", default="1,8,32,64", help="comma-separated qthink batch sizes")
     infer.add_argument("--problems", type=int, default=64, help="synthetic test questions")
@@ -463,11 +463,12 @@ def cli_main(args) -> None:
 
     if args.what == "gpu":
         return gpu_main(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from qthink.evaluate import choose_threads
+
     device = torch.device(args.device) if args.device else default_device()
     with tempfile.TemporaryDirectory(prefix="qthink-bench-") as tmp:
         qt = load_bench_model(args.model, Path(tmp), parse_dtype(args.dtype), device)
+        choose_threads(qt, args.threads)
         base_dir = Path(tmp) / "base" if args.model == "tiny" else Path(args.model)
         rows = inference_main(args, qt) if args.what in ("inference", "all") else []
         for bench in ("train", "teachers"):

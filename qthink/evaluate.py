@@ -1,0 +1,269 @@
+"""`qthink eval`: accuracy, answer tokens and speed of checkpoints and base models on a benchmark.
+
+    qthink eval CKPT BASE:think BASE:nothink --task gsm8k --data-path data --out runs/eval
+
+A target is evaluated in one of three modes:
+- `qthink`:  a seed-format checkpoint, K latent steps, then the answer (`enable_thinking=False` prompt);
+- `think`:   a base model with its visible chain of thought (`enable_thinking=True`, K = 0);
+- `nothink`: a base model answering at once (`enable_thinking=False`, K = 0).
+Give the mode as `TARGET:MODE` or with `--mode` (once for all targets or once per target); by default a
+directory with a projection head is `qthink` and anything else `think`. All decoding is
+`QThink.generate` (batched, greedy, so a rerun writes the same predictions). Each run writes
+`OUT/<name>/predictions.jsonl` and `OUT/<name>/summary.json`; several targets also print (and write to
+`OUT/comparison.md`) one table in the seed model card's layout.
+"""
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from qthink.errors import require
+from qthink.model import HEAD_PT, HEAD_ST, QThink, encode_prompts, parse_dtype
+from qthink.tasks import Task, get_task, split_think
+
+MODES = ("qthink", "think", "nothink")
+
+
+@dataclass(frozen=True)
+class Target:
+    path: str
+    mode: str
+    name: str
+
+
+def split_mode(spec: str) -> tuple[str, str | None]:
+    """`DIR:think` -> (`DIR`, `think`); a spec without a known mode suffix is all path."""
+    path, sep, mode = spec.rpartition(":")
+    return (path, mode) if sep and mode in MODES else (spec, None)
+
+
+def default_mode(path: str) -> str:
+    """`qthink` for a checkpoint (a head file beside the model), `think` for a local base model; a hub
+    repo id is taken for a seed checkpoint (the seed's repos are)."""
+    local = Path(path)
+    if local.is_dir():
+        return "qthink" if (local / HEAD_ST).is_file() or (local / HEAD_PT).is_file() else "think"
+    return "qthink"
+
+
+def default_name(path: str, mode: str) -> str:
+    stem = Path(path.rstrip("/")).name or path
+    return stem if mode == "qthink" else f"{stem}-{mode}"
+
+
+def resolve_targets(specs: Sequence[str], modes: Sequence[str] = (), names: Sequence[str] = ()) -> list[Target]:
+    """Targets from `TARGET[:MODE]` specs, `--mode` (one, or one per target) and `--name` labels."""
+    require(len(specs) > 0, "no targets: give one or more checkpoints or base models")
+    require(len(modes) in (0, 1, len(specs)), f"--mode takes one mode for all targets or one per target "
+            f"({len(specs)}); got {len(modes)}")
+    require(len(names) in (0, len(specs)), f"--name takes one label per target ({len(specs)}); got {len(names)}")
+    targets = []
+    for i, spec in enumerate(specs):
+        path, mode = split_mode(spec)
+        flag = modes[0] if len(modes) == 1 else modes[i] if modes else None
+        require(flag is None or flag in MODES, f"unknown mode {flag!r}; use one of {', '.join(MODES)}")
+        require(mode is None or flag is None or mode == flag, f"{spec}: mode :{mode} contradicts --mode {flag}")
+        mode = mode or flag or default_mode(path)
+        targets.append(Target(path, mode, names[i] if names else default_name(path, mode)))
+    labels = [t.name for t in targets]
+    require(len(set(labels)) == len(labels), f"two targets share the name {labels}; label them with --name")
+    return targets
+
+
+def load_target(path: str, mode: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                trust_remote_code: bool = False) -> QThink:
+    """A checkpoint with its head (`qthink`) or the model alone (`think`/`nothink`: no head needed)."""
+    if mode == "qthink":
+        return QThink.from_pretrained(path, dtype, device, trust_remote_code)
+    return QThink.for_base(path, dtype, device, trust_remote_code)
+
+
+def choose_threads(qt: QThink, threads: int | None = None) -> int:
+    """Set torch's CPU threads: `threads` if given, else 1 for a small model (hidden size <= 512) on CPU,
+    whose matmuls are too small for intra-op parallelism to pay: on a busy 2-core machine, a second OpenMP
+    thread made the tiny model decode up to 60x slower (measured). Returns the number in use."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif qt.device.type == "cpu" and qt.model.config.hidden_size <= 512:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def load_records(task: Task, split: str, data_path: str | None = None, limit: int | None = None) -> list[dict]:
+    require(limit is None or limit > 0, f"--limit must be > 0 (got {limit})")
+    return task.load(split, data_path)[:limit]
+
+
+def output_text(tokenizer, token_ids: list[int], finished: bool) -> str:
+    """The decoded output without its final EOS, with `<think>`/`</think>` kept: the graders split on them,
+    and a tokenizer that marks them special (the tiny one does) would drop them with skip_special_tokens."""
+    return tokenizer.decode(token_ids[:-1] if finished else token_ids, skip_special_tokens=False)
+
+
+def generate_timed(qt: QThink, questions: list[str], latent_steps: int, max_new_tokens: int, batch_size: int,
+                   enable_thinking: bool, bar=None) -> tuple[list[dict], list[float]]:
+    """`QThink.generate` over batches of similar prompt length (as it forms them itself), timing each batch:
+    (results in question order, each problem's share of its batch's seconds)."""
+    require(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
+    prompts = encode_prompts(qt.tokenizer, questions, enable_thinking)
+    qt.check_request([len(p) for p in prompts], latent_steps, max_new_tokens)  # before any decoding
+    order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
+    results: list[dict] = [{}] * len(questions)
+    seconds = [0.0] * len(questions)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        began = time.perf_counter()
+        out = qt.generate([questions[i] for i in idx], latent_steps, max_new_tokens, len(idx), enable_thinking)
+        share = (time.perf_counter() - began) / len(idx)
+        for i, r in zip(idx, out, strict=True):
+            results[i], seconds[i] = r, share
+        if bar is not None:
+            bar.update(len(idx))
+    return results, seconds
+
+
+def prediction(task: Task, record: dict, question: str, result: dict, seconds: float, text: str) -> dict:
+    think, _, closed = split_think(text)
+    scores = task.grade(text, record)
+    return {"problem_id": task.problem_id(record), "prompt": question, "reference": task.reference(record),
+            "output": text, "tokens": len(result["token_ids"]), "correct": scores[task.metrics[0]] == 1.0,
+            **{m: float(scores[m]) for m in task.metrics}, "seconds": seconds, "finished": result["finished"],
+            "unclosed_think": think is not None and not closed}
+
+
+def summarize(preds: list[dict], task: Task, split: str, target: Target, k: int, wall: float, settings: dict) -> dict:
+    n = len(preds)
+    summary = {"system": target.name, "target": target.path, "task": task.name, "split": split, "mode": target.mode,
+               "K": k, "problems": n, "metrics": {m: sum(p[m] for p in preds) / n for m in task.metrics},
+               "mean_tokens": sum(p["tokens"] for p in preds) / n, "wall_seconds": wall,
+               "seconds_per_problem": wall / n, "problems_per_s": n / wall,
+               "unclosed_think": sum(p["unclosed_think"] for p in preds),
+               "unfinished": sum(not p["finished"] for p in preds), **settings}
+    summary["markdown_row"] = format_table([summary]).splitlines()[-1]
+    return summary
+
+
+def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test", data_path: str | None = None,
+             mode: str | None = None, name: str | None = None, latent_steps: int | None = None,
+             max_new_tokens: int = 256, batch_size: int = 16, limit: int | None = None, out: str | Path | None = None,
+             dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+             records: list[dict] | None = None, progress: bool = True, trust_remote_code: bool = False,
+             model: QThink | None = None) -> dict:
+    """Evaluate one target and return its summary; with `out`, write `out/<name>/predictions.jsonl` and
+    `summary.json`. `target` is a path (loaded here, or given already loaded as `model`) or, in process, a
+    `QThink` (mode default: `qthink` if it has a head)."""
+    task = get_task(task) if isinstance(task, str) else task
+    records = load_records(task, split, data_path, limit) if records is None else records
+    if isinstance(target, QThink):
+        model, path = target, str(target.info.get("base_model", "in-memory"))
+        mode = mode or ("qthink" if model.head is not None else "think")
+    else:
+        path = str(target)
+        mode = mode or default_mode(path)
+    spec = resolve_targets([f"{path}:{mode}"], names=[name] if name else ())[0]
+    qt = model or load_target(path, mode, dtype, device, trust_remote_code)
+    k = (qt.latent_steps if latent_steps is None else latent_steps) if mode == "qthink" else 0
+    questions = [task.prompt(r) for r in records]
+    bar = tqdm(total=len(questions), unit="problem", desc=spec.name, disable=not progress, dynamic_ncols=True)
+    began = time.perf_counter()
+    with bar:
+        results, seconds = generate_timed(qt, questions, k, max_new_tokens, batch_size, mode == "think", bar)
+    wall = time.perf_counter() - began
+    preds = [prediction(task, r, q, res, s, output_text(qt.tokenizer, res["token_ids"], res["finished"]))
+             for r, q, res, s in zip(records, questions, results, seconds, strict=True)]
+    settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": str(qt.model.dtype),
+                "device": str(qt.device)}
+    summary = summarize(preds, task, split, spec, k, wall, settings)
+    if out is not None:
+        write_run(Path(out) / spec.name, preds, summary)
+    return summary
+
+
+def write_run(run_dir: Path, preds: list[dict], summary: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+# ---- the comparison table ----
+
+
+def metric_title(metric: str) -> str:
+    return metric.replace("_", " ").title()
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def format_table(summaries: list[dict]) -> str:
+    """The seed model card's layout: for one task, a row per system and a column per metric (plus mean
+    answer tokens, unclosed think blocks and seconds per problem); for several tasks, a row per benchmark
+    and a column per system, holding each task's headline metric."""
+    tasks = list(dict.fromkeys(s["task"] for s in summaries))
+    if len(tasks) == 1:
+        metrics = list(summaries[0]["metrics"])
+        head = ["Model", *map(metric_title, metrics), "Mean tokens", "Unclosed think", "s/problem"]
+        rows = [[s["system"], *(_pct(s["metrics"].get(m)) for m in metrics), f"{s['mean_tokens']:.1f}",
+                 str(s["unclosed_think"]), f"{s['seconds_per_problem']:.3g}"] for s in summaries]
+    else:
+        systems = list(dict.fromkeys(s["system"] for s in summaries))
+        cell = {(s["task"], s["system"]): next(iter(s["metrics"].values())) for s in summaries}
+        head = ["Benchmark", *systems]
+        rows = [[task, *(_pct(cell.get((task, system))) for system in systems)] for task in tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# ---- CLI ----
+
+
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("targets", nargs="+", metavar="TARGET",
+                   help="checkpoint or base model (directory or hub repo id), optionally TARGET:qthink|think|nothink")
+    p.add_argument("--task", required=True, help="gsm8k | math500 | tooluse | synthetic")
+    p.add_argument("--split", default="test", help="dataset split (default: test)")
+    p.add_argument("--data-path", default=None, help="data root, task folder or split file (default: the hub)")
+    p.add_argument("--mode", nargs="+", default=[], choices=MODES, help="one mode for all targets or one per target")
+    p.add_argument("--name", nargs="+", default=[], help="one label per target (default: from the path and mode)")
+    p.add_argument("--latent-steps", type=int, default=None, help="K in qthink mode (default: the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generated-token budget per problem")
+    p.add_argument("--batch-size", type=int, default=16, help="problems decoded together")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
+    p.add_argument("--out", default="runs/eval", help="output directory; each run writes OUT/<name>/")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for a small model on CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
+
+
+def cli_main(args) -> None:
+    from qthink.compat import default_device
+
+    targets = resolve_targets(args.targets, args.mode, args.name)
+    task = get_task(args.task)
+    records = load_records(task, args.split, args.data_path, args.limit)  # bad data fails before any model loads
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = parse_dtype(args.dtype)
+    summaries = []
+    for t in targets:
+        qt = load_target(t.path, t.mode, dtype, device, args.trust_remote_code)
+        choose_threads(qt, args.threads)
+        summary = evaluate(t.path, task, args.split, mode=t.mode, name=t.name, latent_steps=args.latent_steps,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=args.out,
+                           records=records, progress=not args.no_progress, model=qt)
+        summaries.append(summary)
+        print(f"{t.name}: wrote {Path(args.out) / t.name} ({summary['problems_per_s']:.2f} problems/s, "
+              f"{summary['unclosed_think']} unclosed think)", flush=True)
+    table = format_table(summaries)
+    print(table)
+    if len(summaries) > 1:
+        (Path(args.out) / "comparison.md").write_text(table + "\n")
