@@ -1,0 +1,90 @@
+"""`qthink export CKPT OUT [--base B] [--dtype D]`: a `qthink fit` checkpoint -> a seed-format checkpoint.
+
+The Lightning checkpoint holds only the trainable weights (LoRA + head) and the module's hyperparameters.
+Export rebuilds the module from those hyperparameters (the base model from its original path, or `--base`
+when it moved), loads the weights, merges LoRA into the base in float32 (`merge_and_unload(safe_merge=True)`,
+which refuses to write NaN/inf), and writes the directory `qthink generate`, `qthink eval` and the seed's
+own usage snippet read (DESIGN.md contract 3), with `qthink.json` recording how the model was trained.
+"""
+
+import argparse
+import warnings
+from pathlib import Path
+
+import torch
+
+from qthink.errors import UserError, require
+from qthink.model import QThink, parse_dtype
+from qthink.module import QThinkModule
+
+HPARAM_EXTRAS = ("_instantiator", "_class_path")  # LightningCLI bookkeeping, not constructor arguments
+
+
+def read_checkpoint(ckpt_path: Path) -> dict:
+    require(ckpt_path.is_file(), f"checkpoint {ckpt_path} does not exist")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, foreign pickles
+        raise UserError(f"{ckpt_path} is not a readable Lightning checkpoint ({type(e).__name__})") from e
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    require(isinstance(hparams, dict) and "base_model" in hparams and "state_dict" in ckpt,
+            f"{ckpt_path} is not a `qthink fit` checkpoint (no QThinkModule hyperparameters)")
+    return ckpt
+
+
+def load_module(ckpt_path: str | Path, base: str | None = None) -> tuple[QThinkModule, dict]:
+    """The trained module (float32, CPU, eval mode) and its checkpoint."""
+    ckpt = read_checkpoint(Path(ckpt_path))
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k not in HPARAM_EXTRAS}
+    if base is not None:
+        hparams["base_model"] = base
+    module = QThinkModule(**hparams)
+    module.configure_model()
+    module.on_load_checkpoint(ckpt)  # every trainable weight must be there
+    module.load_state_dict(ckpt["state_dict"], strict=False)
+    return module.eval(), ckpt
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, base: str | None = None, dtype: str = "base") -> Path:
+    """Write the seed-format checkpoint of a `qthink fit` checkpoint to `out`; returns `out`.
+
+    `dtype`: `base` (the base model's stored dtype, e.g. bfloat16 for Qwen3-1.7B) or float32/bfloat16/float16.
+    """
+    module, ckpt = load_module(ckpt_path, base)
+    model = module.model
+    if hasattr(model, "merge_and_unload"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                model = model.merge_and_unload(safe_merge=True)
+            except ValueError as e:  # safe_merge found NaN/inf
+                raise UserError(f"{ckpt_path}: merging LoRA gives non-finite weights ({e}); export an earlier checkpoint") from e
+    model = model.to(_base_dtype(module.base_model) if dtype == "base" else parse_dtype(dtype))
+    info = {**module.training_info(), "trained_steps": int(ckpt.get("global_step", 0)),
+            "trained_epochs": int(ckpt.get("epoch", 0)), "lightning_checkpoint": str(Path(ckpt_path).resolve())}
+    qt = QThink(model, module.tokenizer, module.head, module.latent_steps, info)
+    return qt.save_pretrained(out)
+
+
+def _base_dtype(base_model: str) -> torch.dtype:
+    """The dtype the base model is stored in (float32 when the config does not say)."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(base_model), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="Lightning checkpoint written by `qthink fit` (e.g. RUN/checkpoints/last.ckpt)")
+    p.add_argument("out", help="output directory (seed-format checkpoint)")
+    p.add_argument("--base", default=None, help="base model path or repo id, if it moved since training")
+    p.add_argument("--dtype", default="base", help="base (the base model's dtype) | float32 | bfloat16 | float16")
+
+
+def cli_main(args) -> None:
+    require(args.dtype == "base" or args.dtype in ("float32", "bfloat16", "float16"),
+            f"--dtype must be base, float32, bfloat16 or float16 (got {args.dtype})")
+    out = export_checkpoint(args.ckpt, args.out, args.base, args.dtype)
+    print(f"wrote seed-format checkpoint to {out}")

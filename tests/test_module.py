@@ -1,0 +1,195 @@
+"""QThinkModule on the tiny real Qwen3: the losses against an independent step-by-step recomputation,
+every distillation mode training, SFT, NaN/inf handling, trainable-only checkpoints, exact resume and export."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from qthink.data import ResumableSampler, TeacherDataModule
+from qthink.export import export_checkpoint
+from qthink.model import QThink
+from qthink.module import NonFiniteLossError, QThinkModule, distill_term, l1_per_step, lr_factor
+from qthink.teachers.store import TeacherStore
+
+QUESTIONS = ["a=3 b=a+4 c=b*2 d=c+5 d?", "a=1 b=a*3 c=b-2 d=c+9 d?", "a=7 b=a+1 c=b+1 d=c*2 d?"]
+
+
+class Recorder(L.Callback):
+    """Keeps each training step's loss (what `training_step` returned) and batch."""
+
+    def __init__(self):
+        self.losses, self.batches = [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.batches.append(batch)
+
+
+class Crash(L.Callback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def fit(module, store, base, root, max_steps, batch_size=8, callbacks=(), ckpt_every=None, ckpt_path=None, **data):
+    callbacks = list(callbacks)
+    if ckpt_every:
+        callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=ckpt_every,
+                                         save_top_k=-1))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
+                        enable_checkpointing=bool(ckpt_every), enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=callbacks, default_root_dir=root)
+    teacher_steps = None if module.distill == "none" else module.latent_steps
+    dm = TeacherDataModule(str(store), base_model=str(base), teacher_steps=teacher_steps, batch_size=batch_size, **data)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def trainable(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+# ---- the math ----
+
+
+def test_l1_distill_and_schedule_functions():
+    h, t = torch.zeros(3, 2, 4), torch.ones(3, 2, 4)
+    t[1] = 5.0
+    valid = torch.tensor([True, False, True])
+    assert l1_per_step(h, t, valid).tolist() == [1.0, 1.0]  # row 1 has no valid teacher: not averaged in
+    assert l1_per_step(h, t, torch.zeros(3, dtype=torch.bool)).tolist() == [0.0, 0.0]
+    steps = torch.tensor([1.0, 2.0, 3.0])
+    assert distill_term(steps, "per_step") == 6.0 and distill_term(steps, "final_step") == 3.0
+    assert distill_term(steps, "none") == 0.0
+    assert lr_factor(0, 4, 100, 0.1) == 0.25 and lr_factor(3, 4, 100, 0.1) == 1.0
+    assert lr_factor(4, 4, 100, 0.1) == 1.0 and math.isclose(lr_factor(100, 4, 100, 0.1), 0.1)
+    assert math.isclose(lr_factor(52, 4, 100, 0.0), 0.5)
+
+
+# ---- training ----
+
+
+@pytest.mark.parametrize("distill,teacher", [("per_step", "uniform"), ("per_step", "weighted"),
+                                             ("final_step", "uniform"), ("final_step", "weighted"),
+                                             ("none", "uniform")])
+def test_every_mode_trains_and_the_loss_goes_down(distill, teacher, teacher_store, tiny_base, tmp_path):
+    module = QThinkModule(str(tiny_base), distill=distill, teacher=teacher, lr=3e-3, warmup_steps=0)
+    recorder = Recorder()
+    fit(module, teacher_store, tiny_base, tmp_path, max_steps=8, callbacks=[recorder], shuffle=False)
+    assert all(math.isfinite(x) for x in recorder.losses)
+    assert sum(recorder.losses[-2:]) / 2 < recorder.losses[0] - 0.1, recorder.losses
+
+
+def reference_loss(module, batch, store, gamma: float) -> float:
+    """The loss recomputed one problem at a time, running the model on the whole sequence at every step
+    (no KV cache, no padding, default positions), from the store's own rows."""
+    model, head, k_steps = module.model, module.head, module.latent_steps
+    embed = model.get_input_embeddings()
+    ces, l1, valid = [], [], []
+    with torch.no_grad():
+        for i in range(batch["prompt_ids"].shape[0]):
+            prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()]
+            answer = batch["answer_ids"][i][batch["answer_mask"][i].bool()]
+            seq = embed(prompt)[None]
+            h = model(inputs_embeds=seq, output_hidden_states=True).hidden_states[-1][0, -1]
+            states = []
+            for _ in range(k_steps):
+                seq = torch.cat([seq, head(h)[None, None]], 1)
+                h = model(inputs_embeds=seq, output_hidden_states=True).hidden_states[-1][0, -1]
+                states.append(h)
+            logits = model(inputs_embeds=torch.cat([seq, embed(answer[:-1])[None]], 1)).logits[0, -len(answer):]
+            ces.append(F.cross_entropy(logits.float(), answer))
+            if k_steps:
+                row = store.row(int(batch["problem_index"][i]))
+                target = row[module.teacher]
+                ok = row["num_valid"] > 0 and (module.teacher == "uniform" or row["weighted_valid"])
+                l1.append((torch.stack(states) - target).abs().mean(-1))  # [K]
+                valid.append(ok)
+    loss = torch.stack(ces).mean()
+    if module.distill != "none" and any(valid):
+        per_step = torch.stack([x for x, ok in zip(l1, valid, strict=True) if ok]).mean(0)
+        loss = loss + gamma * (per_step.sum() if module.distill == "per_step" else per_step[-1])
+    return float(loss)
+
+
+@pytest.mark.parametrize("distill,teacher", [("per_step", "uniform"), ("final_step", "weighted")])
+def test_training_step_loss_matches_an_independent_recomputation(distill, teacher, teacher_store, tiny_base, tmp_path):
+    module = QThinkModule(str(tiny_base), distill=distill, teacher=teacher, lr=0.0)  # lr 0: weights stay
+    recorder = Recorder()
+    fit(module, teacher_store, tiny_base, tmp_path, max_steps=1, callbacks=[recorder], shuffle=False)
+    batch = recorder.batches[0]
+    assert not batch["weighted_valid"].all() and (batch["num_valid"] == 0).any()  # CE-only rows are in it
+    expected = reference_loss(module, batch, TeacherStore(teacher_store), module.gamma)
+    assert math.isclose(recorder.losses[0], expected, rel_tol=1e-5), (recorder.losses[0], expected)
+
+
+def test_k0_without_distillation_is_plain_sft(teacher_store, tiny_base, tmp_path, store_factory):
+    module = QThinkModule(str(tiny_base), latent_steps=0, distill="none", lr=0.0)
+    calls = []
+    recorder = Recorder()
+    other_k = store_factory(K=4)  # SFT does not read teachers, so any K will do
+    module.configure_model()
+    module.head.register_forward_hook(lambda *args: calls.append(1))
+    head_before = {k: v.clone() for k, v in module.head.state_dict().items()}
+    fit(module, other_k, tiny_base, tmp_path, max_steps=1, callbacks=[recorder], shuffle=False)
+    assert calls == [] and not any(p.requires_grad for p in module.head.parameters())
+    assert all(torch.equal(v, module.head.state_dict()[k]) for k, v in head_before.items())
+    batch, ces = recorder.batches[0], []
+    with torch.no_grad():
+        for i in range(batch["prompt_ids"].shape[0]):
+            prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()]
+            answer = batch["answer_ids"][i][batch["answer_mask"][i].bool()]
+            logits = module.model(input_ids=torch.cat([prompt, answer])[None]).logits[0, len(prompt) - 1 : -1]
+            ces.append(F.cross_entropy(logits, answer))
+    assert math.isclose(recorder.losses[0], float(torch.stack(ces).mean()), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_stops_before_the_optimizer_step(bad, store_factory, tiny_base, tmp_path):
+    store = store_factory(poison={5: bad})
+    position = list(ResumableSampler(8, seed=0)).index(5)
+    step, batch_idx = position // 2, position // 2  # batch 2, epoch 0: one step per batch
+    module = QThinkModule(str(tiny_base), lr=1e-3)
+    with pytest.raises(NonFiniteLossError, match=rf"loss is {bad} at global step {step}, batch {batch_idx} ") as e:
+        fit(module, store, tiny_base, tmp_path, max_steps=8, batch_size=2, ckpt_every=1)
+    assert "\n" not in str(e.value)
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert len([p for p in saved if p.name != "last.ckpt"]) == step
+    for path in saved:
+        weights = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_resume_is_exact_checkpoints_are_small_and_export_generates_the_same(teacher_store, tiny_base, tmp_path):
+    kwargs = {"lr": 1e-2, "warmup_steps": 2}
+    # 8 problems in batches of 2 = 4 batches an epoch; 7 steps cross an epoch boundary
+    whole = QThinkModule(str(tiny_base), **kwargs)
+    fit(whole, teacher_store, tiny_base, tmp_path / "whole", max_steps=7, batch_size=2)
+    crashed = QThinkModule(str(tiny_base), **kwargs)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # dies mid-epoch, after step 3
+        fit(crashed, teacher_store, tiny_base, tmp_path / "run", 7, batch_size=2, callbacks=[Crash(3)], ckpt_every=1)
+    last = tmp_path / "run" / "ckpt" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert set(ckpt["state_dict"]) == crashed.trainable_names()  # LoRA + head, no frozen base weight
+    assert not any("embed_tokens" in k for k in ckpt["state_dict"]) and last.stat().st_size < 6e6
+    resumed = QThinkModule(str(tiny_base), **kwargs)
+    fit(resumed, teacher_store, tiny_base, tmp_path / "run", 7, batch_size=2, ckpt_every=1, ckpt_path=str(last))
+    a, b = trainable(whole), trainable(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora_B.default.weight") and a[k].abs().sum() > 0 for k in a)  # LoRA did train
+
+    out = export_checkpoint(tmp_path / "run" / "ckpt" / "last.ckpt", tmp_path / "export")
+    exported = QThink.from_pretrained(out)
+    assert exported.info["trained_steps"] == 7 and exported.info["distill"] == "per_step"
+    before = resumed.eval().as_qthink().generate(QUESTIONS, max_new_tokens=12)
+    after = exported.generate(QUESTIONS, max_new_tokens=12)
+    assert [r["token_ids"] for r in after] == [r["token_ids"] for r in before]
