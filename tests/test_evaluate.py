@@ -1,0 +1,147 @@
+"""`qthink eval`: runs of checkpoints and base models in each mode, their files, the comparison table,
+determinism, unclosed think blocks, and one-line errors for bad input."""
+
+import json
+
+import pytest
+import torch
+
+from qthink.bench import spread_weights
+from qthink.cli import main
+from qthink.evaluate import (
+    default_mode,
+    evaluate,
+    format_table,
+    output_text,
+    prediction,
+    resolve_targets,
+    split_mode,
+    summarize,
+)
+from qthink.model import QThink, init_checkpoint
+from qthink.tasks import get_task
+
+PRED_FIELDS = {"problem_id", "prompt", "output", "tokens", "correct", "exact_match", "seconds", "finished"}
+SUMMARY_FIELDS = {"task", "split", "system", "mode", "K", "metrics", "mean_tokens", "wall_seconds",
+                  "seconds_per_problem", "unclosed_think", "markdown_row"}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_base, tmp_path_factory):
+    return init_checkpoint(str(tiny_base), tmp_path_factory.mktemp("eval") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="module")
+def spread_qt(ckpt) -> QThink:
+    """Weights spread (see `spread_weights`) so outputs depend on the prompt and batching errors would show."""
+    qt = QThink.from_pretrained(ckpt, torch.float32)
+    spread_weights(qt.model, 0)
+    spread_weights(qt.head, 1)
+    return qt
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_cli_three_modes_one_table(ckpt, tiny_base, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["eval", str(ckpt), f"{tiny_base}:think", f"{tiny_base}:nothink", "--task", "synthetic",
+                 "--limit", "5", "--max-new-tokens", "6", "--batch-size", "2", "--out", str(out), "--no-progress"])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    names = ["ckpt", f"{tiny_base.name}-think", f"{tiny_base.name}-nothink"]
+    for name, mode, k in zip(names, ["qthink", "think", "nothink"], [6, 0, 0], strict=True):
+        preds = read_jsonl(out / name / "predictions.jsonl")
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert len(preds) == 5 and all(PRED_FIELDS <= set(p) for p in preds)
+        assert all(1 <= p["tokens"] <= 6 for p in preds)
+        assert SUMMARY_FIELDS <= set(summary)
+        assert (summary["mode"], summary["K"], summary["task"], summary["problems"]) == (mode, k, "synthetic", 5)
+        assert summary["markdown_row"] in stdout
+    table = (out / "comparison.md").read_text()
+    assert table.splitlines()[0] == "| Model | Exact Match | Mean tokens | Unclosed think | s/problem |"
+    assert table.strip() in stdout and len(table.strip().splitlines()) == 2 + 3
+
+
+def test_evaluate_in_process_is_deterministic_and_batch_independent(spread_qt, tmp_path):
+    runs = [evaluate(spread_qt, "synthetic", limit=10, max_new_tokens=8, batch_size=b, out=tmp_path / str(b),
+                     name="qt", progress=False) for b in (4, 4, 10)]
+    preds = [[{k: v for k, v in p.items() if k != "seconds"} for p in read_jsonl(tmp_path / str(b) / "qt" / "predictions.jsonl")]
+             for b in (4, 4, 10)]
+    assert preds[0] == preds[1] == preds[2]
+    assert runs[0]["metrics"] == runs[2]["metrics"] and runs[0]["mean_tokens"] == runs[2]["mean_tokens"]
+    assert len({p["output"] for p in preds[0]}) > 3, "outputs do not depend on the problem"
+
+
+def test_think_and_nothink_modes_use_their_prompts(spread_qt, tmp_path):
+    """`think` decodes after the enable_thinking=True prompt, `nothink` after the empty think block, both K=0."""
+    task = get_task("synthetic")
+    questions = [task.prompt(r) for r in task.load("test", n=6)]
+    for mode, thinking in (("think", True), ("nothink", False)):
+        summary = evaluate(spread_qt, task, mode=mode, limit=6, max_new_tokens=6, out=tmp_path, name=mode,
+                           progress=False)
+        assert (summary["mode"], summary["K"]) == (mode, 0)
+        got = [p["output"] for p in read_jsonl(tmp_path / mode / "predictions.jsonl")]
+        want = [output_text(spread_qt.tokenizer, r["token_ids"], r["finished"])
+                for r in spread_qt.generate(questions, 0, 6, enable_thinking=thinking)]
+        assert got == want
+
+
+def test_unclosed_think_is_graded_as_is_and_counted():
+    task = get_task("synthetic")
+    record = task.load("test", n=1)[0]
+    answer = record["answer"]
+    result = {"token_ids": [1, 2, 3], "finished": False}
+    unclosed = prediction(task, record, "q", result, 0.1, f"<think>\nso the answer is {answer}")
+    closed = prediction(task, record, "q", {**result, "finished": True}, 0.1, f"<think>\n{answer}\n</think>\n\n0")
+    assert unclosed["unclosed_think"] and unclosed["correct"]  # graded on the whole output
+    assert not closed["unclosed_think"] and (closed["correct"] == (answer == "0"))  # graded after </think>
+    target = resolve_targets(["base:think"])[0]
+    summary = summarize([unclosed, closed], task, "test", target, 0, 1.0, {})
+    assert summary["unclosed_think"] == 1 and summary["unfinished"] == 1
+
+
+def test_format_table_layouts():
+    def summary(system, task, **metrics):
+        return {"system": system, "task": task, "metrics": metrics, "mean_tokens": 10.0, "unclosed_think": 0,
+                "seconds_per_problem": 0.5}
+
+    one = format_table([summary("qthink", "tooluse", exact_match=0.485, action_accuracy=0.676),
+                        summary("base", "tooluse", exact_match=0.471, action_accuracy=0.75)])
+    assert one.splitlines()[0] == "| Model | Exact Match | Action Accuracy | Mean tokens | Unclosed think | s/problem |"
+    assert one.splitlines()[2] == "| qthink | 48.5% | 67.6% | 10.0 | 0 | 0.5 |"
+    many = format_table([summary("QThink", "gsm8k", exact_match=0.832), summary("Base", "gsm8k", exact_match=0.773),
+                         summary("QThink", "math500", exact_match=0.436)])
+    assert many.splitlines() == ["| Benchmark | QThink | Base |", "|---|---|---|",
+                                 "| gsm8k | 83.2% | 77.3% |", "| math500 | 43.6% |  |"]
+
+
+def test_target_specs(ckpt, tiny_base):
+    assert split_mode("Qwen/Qwen3-1.7B:nothink") == ("Qwen/Qwen3-1.7B", "nothink")
+    assert split_mode("dir:with:colons") == ("dir:with:colons", None)
+    assert default_mode(str(ckpt)) == "qthink" and default_mode(str(tiny_base)) == "think"
+    targets = resolve_targets([str(ckpt), str(tiny_base)], modes=["qthink", "nothink"], names=["a", "b"])
+    assert [(t.mode, t.name) for t in targets] == [("qthink", "a"), ("nothink", "b")]
+
+
+def test_eval_bad_input(ckpt, tiny_base, tmp_path, capsys):
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?"}\n')
+    common = ["--limit", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "out"), "--no-progress"]
+    cases = {
+        "unknown task": ([str(ckpt), "--task", "gsm9k"], "known tasks: gsm8k, math500, tooluse, synthetic"),
+        "record without field": ([str(ckpt), "--task", "gsm8k", "--data-path", str(data)], f"{data} line 2"),
+        "modes vs targets": ([str(ckpt), str(tiny_base), "--task", "synthetic", "--mode", "think", "think", "think"],
+                             "--mode"),
+        "same names": ([f"{tiny_base}:think", f"{tiny_base}:think", "--task", "synthetic"], "--name"),
+        "base model with K": ([f"{tiny_base}:qthink", "--task", "synthetic"], "base model"),
+        "bad limit": ([str(ckpt), "--task", "synthetic", "--limit", "0"], "--limit"),
+    }
+    for name, (args, expect) in cases.items():
+        extra = common if name != "bad limit" else common[2:]
+        code = main(["eval", *args, *extra])
+        err = capsys.readouterr().err
+        assert code != 0, name
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, f"{name}: {err}"
+        assert expect in err, f"{name}: {err}"
