@@ -13,7 +13,7 @@ when distilling. The optimizer is the module's own (`auto_configure_optimizers=F
 hand AdamW every frozen base weight and step its scheduler per epoch.
 """
 
-import sys
+import warnings
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
@@ -55,12 +55,14 @@ def run_lightning_cli(argv: list[str]) -> QThinkCLI:
     check_paths(argv)
     # `${trainer.default_root_dir}` in a file means the same subcommand's key (fit, validate or test).
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    return QThinkCLI(
-        QThinkModule,
-        TeacherDataModule,
-        args=None if argv == sys.argv[1:] else argv,  # LightningCLI warns when given its own sys.argv
-        trainer_defaults=TRAINER_DEFAULTS,
-        parser_kwargs={"parser_mode": "omegaconf+"},
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # argv is given on purpose
+        return QThinkCLI(
+            QThinkModule,
+            TeacherDataModule,
+            args=argv,
+            trainer_defaults=TRAINER_DEFAULTS,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )

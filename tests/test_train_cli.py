@@ -1,0 +1,114 @@
+"""`qthink fit|validate|export` end to end on the tiny configs: layering, resume, TensorBoard, one-line
+errors, every shipped config parsing, and DDP on two CPU processes ending with identical weights."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qthink.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny")
+QWEN = str(ROOT / "configs" / "qwen3-1.7b")
+
+
+def tiny_args(base, store, root, *extra) -> list[str]:
+    return ["-c", f"{TINY}/qthink.yaml", *extra, "--model.base_model", str(base), "--data.teachers", str(store),
+            "--trainer.default_root_dir", str(root), "--data.batch_size", "4"]
+
+
+@pytest.mark.parametrize("files", [
+    ["tiny/qthink.yaml", "tiny/sft.yaml"], ["tiny/qthink.yaml", "tiny/codi.yaml"],
+    ["tiny/qthink.yaml", "tiny/rw-per-step.yaml"], ["tiny/qthink.yaml", "tiny/uniform-per-step.yaml"],
+    ["qwen3-1.7b/tooluse.yaml", "qwen3-1.7b/sft.yaml"], ["qwen3-1.7b/gsm8k.yaml", "qwen3-1.7b/codi.yaml"],
+    ["qwen3-1.7b/math.yaml", "qwen3-1.7b/rw-per-step.yaml"],
+])
+def test_every_config_parses_and_paths_follow_default_root_dir(files, capsys):
+    args = sum((["-c", str(ROOT / "configs" / f)] for f in files), ["fit"])
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--trainer.default_root_dir", "/r", "--print_config"])
+    assert e.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "dirpath: /r/checkpoints" in printed and "save_dir: /r" in printed
+    variant = Path(files[1]).stem
+    distill = {"sft": "none", "codi": "final_step"}.get(variant, "per_step")
+    assert f"distill: {distill}" in printed
+    assert f"teacher: {'weighted' if variant in ('codi', 'rw-per-step') else 'uniform'}" in printed
+
+
+def test_fit_resume_validate_and_export_from_the_command_line(tiny_base, teacher_store, tmp_path):
+    root = tmp_path / "run"
+    common = tiny_args(tiny_base, teacher_store, root, "--trainer.val_check_interval", "2", "--data.val_limit", "4")
+    assert main(["fit", *common, "--trainer.max_steps", "2"]) == 0
+    last = root / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    assert main(["fit", *common, "--trainer.max_steps", "4", "--ckpt_path", "last"]) == 0
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # resumed, not restarted
+    assert (root / "tensorboard" / "config.yaml").is_file()
+    events = EventAccumulator(str(root / "tensorboard")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/ce", "train/l1_step_1", "train/cos_step_6", "train/norm_h_3", "train/norm_t_3",
+            "train/grad_norm", "lr", "train/tokens_per_s", "val/exact_match"} <= scalars
+    steps = [e.step for e in events.Scalars("train/loss")]  # one log continues across the resume
+    assert len(steps) == 4 and steps == sorted(set(steps))  # (Lightning may skip one step number there)
+    assert "val/samples/text_summary" in events.Tags()["tensors"]
+    assert main(["validate", *common, "--ckpt_path", str(last)]) == 0
+    assert main(["export", str(last), str(tmp_path / "export")]) == 0
+    assert (tmp_path / "export" / "projection_head.pt").is_file()
+
+
+def test_user_mistakes_are_one_line_errors(tiny_base, teacher_store, store_factory, tmp_path, capsys):
+    cases = [
+        (tiny_args(tiny_base, tmp_path / "missing", tmp_path / "a"), "teacher store .*missing does not exist"),
+        (tiny_args(tiny_base, store_factory(K=4), tmp_path / "b"), "K is 4 but the trainer expects 6"),
+        (tiny_args(tiny_base, store_factory(base_name="Qwen/Qwen3-1.7B"), tmp_path / "c"),
+         "built from base model 'Qwen/Qwen3-1.7B'"),
+        (["-c", str(tmp_path / "nope.yaml")], "config file .*nope.yaml does not exist"),
+    ]
+    for args, message in cases:
+        assert main(["fit", *args, "--trainer.max_steps", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("qthink: error: ") and __import__("re").search(message, err[-1]), err[-1]
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+RANK_DUMP = '''
+import lightning as L
+import torch
+
+
+class RankDump(L.Callback):
+    """Each rank writes its trainable weights and the problems it trained on."""
+
+    def __init__(self, out: str):
+        self.out, self.seen = out, []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.seen += batch["problem_index"].tolist()
+
+    def on_train_end(self, trainer, module):
+        weights = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+        torch.save({"weights": weights, "seen": self.seen}, f"{self.out}/rank{trainer.global_rank}.pt")
+'''
+
+
+def test_ddp_on_two_cpu_processes_ends_with_identical_weights(tiny_base, teacher_store, tmp_path):
+    (tmp_path / "rank_dump.py").write_text(RANK_DUMP)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    args = tiny_args(tiny_base, teacher_store, tmp_path / "run", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                     "--trainer.max_steps", "2", "--trainer.callbacks+=rank_dump.RankDump",
+                     "--trainer.callbacks.out", str(tmp_path))
+    qthink = Path(sys.executable).parent / "qthink"
+    done = subprocess.run([sys.executable, str(qthink), "fit", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for epoch in (slice(0, 4), slice(4, 8)):  # 8 problems = one batch of 4 per rank per epoch; 2 steps = 2 epochs
+        assert sorted(ranks[0]["seen"][epoch] + ranks[1]["seen"][epoch]) == list(range(8))
+    a, b = ranks[0]["weights"], ranks[1]["weights"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora_B.default.weight") and a[k].abs().sum() > 0 for k in a)
