@@ -28,10 +28,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from qthink.errors import UserError, require
 from qthink.model import encode_prompts, left_pad
+from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
 from qthink.teachers.store import TeacherStore
-
-ROLLOUTS_FILE = "rollouts.jsonl"
-
 
 # ---- reading the pipeline's outputs ----
 
@@ -73,22 +71,11 @@ def resolve_dir(path: str, anchor: Path) -> Path:
     return given if given.exists() or given.is_absolute() else anchor / given
 
 
-def read_rollouts(directory: Path) -> dict[int, dict]:
-    """problem_index -> rollouts.jsonl record, with one-line errors naming the file and line."""
-    path = directory / ROLLOUTS_FILE
-    require(path.is_file(), f"{path} does not exist; run `qthink rollouts` or set data.rollouts")
-    records = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); rerun `qthink rollouts`") from e
-        require(isinstance(record, dict) and "problem_index" in record and "rollouts" in record,
-                f"{path}:{n}: needs `problem_index` and `rollouts`")
-        records[int(record["problem_index"])] = record
-    return records
+def load_rollouts(directory: Path, problems: set[int]) -> dict[int, dict]:
+    """problem_index -> its rollouts.jsonl record, for `problems` only (the file is streamed, validated)."""
+    _, entries = read_rollouts(directory)
+    path = directory / ROLLOUTS
+    return {i: parse_line(path, 0, read_line(path, offset, length)) for i, offset, length in entries if i in problems}
 
 
 def rollout_answer_ids(token_ids: list[int], think_close: int, eos: int, is_blank: Callable[[int], bool]) -> list[int] | None:
@@ -104,6 +91,15 @@ def rollout_answer_ids(token_ids: list[int], think_close: int, eos: int, is_blan
     if eos not in answer:
         return None
     return answer[: answer.index(eos) + 1]
+
+
+def first_correct_answer(rollouts: list[dict], think_close: int, eos: int,
+                         is_blank: Callable[[int], bool]) -> list[int] | None:
+    """The answer tokens of the first correct rollout (reward > 0) that closed its think block and ended."""
+    for r in rollouts:
+        if r.get("reward", 0) > 0 and (answer := rollout_answer_ids(r["token_ids"], think_close, eos, is_blank)):
+            return answer
+    return None
 
 
 def load_records(task, split: str, data_path: str | None, n: int | None) -> list[dict]:
@@ -136,17 +132,6 @@ class TeacherDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Example, dict]:
         ex = self.examples[i]
         return ex, self.store.row(ex.problem_index)
-
-
-class EvalDataset(Dataset):
-    def __init__(self, examples: list[Example]):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> Example:
-        return self.examples[i]
 
 
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,11 +292,12 @@ class TeacherDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.shuffle, self.seed, self.trust_remote_code = shuffle, seed, trust_remote_code
         self.store: TeacherStore | None = None
+        self.rollouts_path: Path | None = None
         self.tokenizer = None
         self.task = None
         self.split: str | None = None
         self.stats: dict[str, int] = {}
-        self.datasets: dict[str, Dataset] = {}
+        self.datasets: dict[str, Any] = {}  # train: TeacherDataset; val/test: lists of Example
 
     # ---- setup ----
 
@@ -339,28 +325,21 @@ class TeacherDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             from qthink.tasks import get_task
 
+            named = self.rollouts_dir or store.manifest.get("rollouts")
+            self.rollouts_path = Path(named) if self.rollouts_dir else resolve_dir(named, store.path) if named else None
+            found = self.rollouts_path / "manifest.json" if self.rollouts_path else None
+            rollouts_manifest = json.loads(found.read_text()) if found and found.is_file() else {}
+            task = self.task_name or store.manifest.get("task") or rollouts_manifest.get("task")
+            require(task is not None, f"{store.path}/manifest.json names no task; set data.task")
+            self.task = get_task(task, **self.task_options)
+            self.split = store.manifest.get("split") or rollouts_manifest.get("split") or "train"
             self.tokenizer = load_tokenizer(self.base_model, self.trust_remote_code)
-            self.task = get_task(self.task_name or store.manifest.get("task") or self._rollouts_manifest().get("task"),
-                                 **self.task_options)
-            self.split = store.manifest.get("split") or self._rollouts_manifest().get("split") or "train"
         if stage == "fit" and "train" not in self.datasets:
             self.datasets["train"] = TeacherDataset(self._train_examples(store), store)
         if stage in ("fit", "validate") and "val" not in self.datasets:
-            self.datasets["val"] = EvalDataset(self._eval_examples(self.val_split, self.val_limit))
+            self.datasets["val"] = self._eval_examples(self.val_split, self.val_limit)
         if stage == "test" and "test" not in self.datasets:
-            self.datasets["test"] = EvalDataset(self._eval_examples(self.test_split, self.test_limit))
-
-    def _rollouts_path(self) -> Path:
-        store_dir = Path(self.teachers)
-        named = self.rollouts_dir or self.open_store().manifest.get("rollouts") or self.open_store().manifest.get("rollouts_dir")
-        require(named is not None, f"{store_dir}/manifest.json names no rollouts directory; set data.rollouts")
-        return resolve_dir(str(named), store_dir) if self.rollouts_dir is None else Path(named)
-
-    def _rollouts_manifest(self) -> dict:
-        try:
-            return json.loads((self._rollouts_path() / "manifest.json").read_text())
-        except (OSError, UserError, json.JSONDecodeError):
-            return {}
+            self.datasets["test"] = self._eval_examples(self.test_split, self.test_limit)
 
     def _encode(self, questions: list[str]) -> list[list[int]]:
         return encode_prompts(self.tokenizer, questions, enable_thinking=False)
@@ -370,8 +349,12 @@ class TeacherDataModule(L.LightningDataModule):
         records = load_records(self.task, self.split, self.data_path, max(indices) + 1)
         require(max(indices) < len(records), f"teacher store has problem {max(indices)} but {self.task.name} "
                 f"{self.split} has {len(records)} problems; point data.data_path at the data the store was built from")
-        rollouts = read_rollouts(self._rollouts_path()) if self.answer_source == "rollout" else {}
+        rollouts = {}
+        if self.answer_source == "rollout":
+            require(self.rollouts_path is not None, f"{store.path}/manifest.json names no rollouts; set data.rollouts")
+            rollouts = load_rollouts(self.rollouts_path, set(indices))
         think_close, eos = tok.convert_tokens_to_ids("</think>"), tok.eos_token_id
+
         def is_blank(token: int) -> bool:
             return tok.decode([token]).strip() == ""
 
@@ -382,15 +365,13 @@ class TeacherDataModule(L.LightningDataModule):
         for i, question, prompt in zip(indices, questions, self._encode(questions), strict=True):
             record, answer = records[i], None
             if rollouts:
-                require(i in rollouts, f"{self._rollouts_path()}/{ROLLOUTS_FILE} has no problem {i} of the store")
+                require(i in rollouts, f"{self.rollouts_path}/{ROLLOUTS} has no problem {i} of the store")
                 entry = rollouts[i]
                 require(entry.get("question", question) == question and
                         str(entry.get("problem_id", self.task.problem_id(record))) == self.task.problem_id(record),
                         f"rollouts problem {i} is not {self.task.name} {self.split} problem {i} "
                         f"({entry.get('problem_id')!r}); set data.task/data.data_path/data.task_options as for the rollouts")
-                for r in entry["rollouts"]:
-                    if r.get("reward", 0) > 0 and answer is None:
-                        answer = rollout_answer_ids(r["token_ids"], think_close, eos, is_blank)
+                answer = first_correct_answer(entry["rollouts"], think_close, eos, is_blank)
             stats["from_rollout" if answer is not None else "from_reference"] += 1
             if answer is None:
                 answer = tok(self.task.reference(record), add_special_tokens=False)["input_ids"] + [eos]
@@ -442,8 +423,8 @@ class TeacherDataModule(L.LightningDataModule):
 
     def _eval_loader(self, name: str) -> DataLoader:
         rank, world = self._rank_world()
-        examples = self.datasets[name].examples[rank::world]  # no padding: every problem is scored once
-        return DataLoader(EvalDataset(examples), batch_size=self.val_batch_size, num_workers=self.num_workers,
+        examples = self.datasets[name][rank::world]  # no padding: every problem is scored once
+        return DataLoader(examples, batch_size=self.val_batch_size, num_workers=self.num_workers,
                           collate_fn=partial(collate_eval, pad_id=self.tokenizer.pad_token_id))
 
     def val_dataloader(self) -> DataLoader:

@@ -31,7 +31,7 @@ def test_examples_follow_the_student_layout_and_pick_the_first_correct_rollout(t
         assert ex.answer_ids[-1] == tok.eos_token_id
         assert tok.decode(ex.answer_ids[:-1]) == record["answer"]
     # the rollout's own tokens after `</think>\n\n` are used, not a re-tokenization of its text
-    line = (dm._rollouts_path() / "rollouts.jsonl").read_text().splitlines()[0]
+    line = (dm.rollouts_path / "rollouts.jsonl").read_text().splitlines()[0]
     rollout_ids = __import__("json").loads(line)["rollouts"][1]["token_ids"]
     assert rollout_ids[-len(examples[0].answer_ids):] == examples[0].answer_ids
 
