@@ -8,6 +8,7 @@ answer. Every decoder call gets the running attention mask and explicit `positio
 a row's result does not depend on the padding its batch needs (CODI attends to left padding; Coconut has
 no cache). The hidden state everywhere is the post-final-norm last-layer state (`last_hidden_state`).
 The decoder is called without its LM head: vocabulary logits are built only where a token is predicted.
+Without grad, the KV cache is preallocated (`ReservedLayer`) instead of regrown by `torch.cat` per token.
 HF gradient checkpointing must stay off on this path: it silently drops the KV cache in training mode.
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import DynamicLayer
 
 from qthink.compat import cache_kwargs, new_cache
 
@@ -47,6 +49,78 @@ def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
     """Position ids that count only attended tokens, so left padding does not shift RoPE positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ReservedLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values live in a buffer with `room` spare positions.
+
+    Each update writes the new positions in place and returns views of exactly the shape and values a
+    `DynamicLayer` returns, so attention computes the same numbers; what goes away is the `torch.cat`
+    that copies the whole cache at every token (O(length) bytes per step per layer: at batch 64 and a
+    thousand positions that is more memory traffic than reading the weights). Only without grad: in-place
+    writes would overwrite keys/values that autograd saved for backward.
+    """
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room, self.length = room, 0
+        self.key_buffer: Tensor | None = None
+        self.value_buffer: Tensor | None = None
+
+    def _expose(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def _reallocate(self, capacity: int, like_keys: Tensor, like_values: Tensor) -> None:
+        keys = like_keys.new_empty(*like_keys.shape[:2], capacity, like_keys.shape[3])
+        values = like_values.new_empty(*like_values.shape[:2], capacity, like_values.shape[3])
+        if self.length:
+            keys[:, :, : self.length] = self.keys
+            values[:, :, : self.length] = self.values
+        self.key_buffer, self.value_buffer = keys, values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        if self.key_buffer is None or self.length + new > self.key_buffer.shape[-2]:
+            self._reallocate(self.length + new + self.room, key_states, value_states)
+        self.key_buffer[:, :, self.length : self.length + new] = key_states
+        self.value_buffer[:, :, self.length : self.length + new] = value_states
+        self.length += new
+        self._expose()
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_buffer = self.value_buffer = None
+        self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.is_initialized and tokens_to_remove < 0:
+            self.length = max(0, self.length + tokens_to_remove)
+            self._expose()
+
+    def _select(self, pick) -> None:
+        if self.key_buffer is not None:
+            self.key_buffer, self.value_buffer = pick(self.key_buffer), pick(self.value_buffer)
+            self._expose()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._select(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+
+def reserve_cache(kv_cache, room: int):
+    """Give each plain dynamic layer of `kv_cache` a preallocated buffer with `room` spare positions."""
+    kv_cache.layers = [ReservedLayer(room) if type(layer) is DynamicLayer else layer for layer in kv_cache.layers]
+    return kv_cache
 
 
 @dataclass
@@ -103,14 +177,16 @@ def think(
     """Prefill left-padded prompts, then run `latent_steps` latent passes.
 
     Latent step k feeds `head(h_{k-1})` back as an input embedding (h_0 = the prompt's last state) and
-    records its output state h_k. `reserve` preallocates mask columns for tokens decoded afterwards.
-    Gradients flow through every step when called with grad enabled.
+    records its output state h_k. `reserve` preallocates mask columns (and, without grad, KV-cache
+    positions) for tokens decoded afterwards. Gradients flow through every step when called with grad enabled.
     """
     decoder, _, embed = model_parts(model)
     batch, prompt_len = input_ids.shape
     mask = attention_mask.new_ones(batch, prompt_len + latent_steps + reserve)
     mask[:, :prompt_len] = attention_mask
     kv_cache = new_cache(model.config)
+    if not torch.is_grad_enabled():
+        reserve_cache(kv_cache, latent_steps + reserve)
     out = decoder(
         input_ids=input_ids,
         attention_mask=attention_mask,

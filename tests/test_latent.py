@@ -14,10 +14,11 @@ import sys
 import pytest
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from qthink.bench import spread_weights
 from qthink.cli import main
-from qthink.latent import generate, think
+from qthink.latent import ReservedLayer, Sampler, decode, generate, think
 from qthink.model import HEAD_PT, HEAD_ST, QThink, encode_prompts, init_checkpoint, left_pad
 from qthink.seed_recipe import seed_generate
 
@@ -93,6 +94,29 @@ def test_sampling_is_reproducible_and_batch_independent(qt):
     other = [r["token_ids"] for r in qt.generate(questions, 6, MAX_NEW, batch_size=10, sampler_seed=8, temperature=1.0)]
     greedy = [r["token_ids"] for r in qt.generate(questions, 6, MAX_NEW, batch_size=10)]
     assert other != runs[0] and greedy != runs[0], "the sampler does not sample"
+
+
+def test_preallocated_cache_equals_dynamic_cache(qt):
+    """Inference preallocates the KV cache (`ReservedLayer`); training keeps HF's `DynamicLayer`. Both give
+    bit-identical states and tokens, also when the reserve runs out and when G samples share a prefill."""
+    spread(qt, 5)
+    batch = left_pad(encode_prompts(qt.tokenizer, random_questions(5, 6)), qt.tokenizer.pad_token_id)
+    ids, mask, eos, pad = batch.input_ids, batch.attention_mask, qt.tokenizer.eos_token_id, qt.tokenizer.pad_token_id
+    fast = generate(qt.model, qt.head, ids, mask, 6, MAX_NEW, eos, pad)
+    with torch.no_grad():
+        short = think(qt.model, qt.head, ids, mask, 6, reserve=0)  # no room: the buffer and the mask must grow
+    with torch.enable_grad():
+        plain = think(qt.model, qt.head, ids, mask, 6, reserve=MAX_NEW)
+    assert all(type(layer) is ReservedLayer for layer in short.cache.layers)
+    assert all(type(layer) is DynamicLayer for layer in plain.cache.layers)
+    for state in (short, plain):
+        gen = decode(qt.model, state, MAX_NEW, eos, pad)
+        assert torch.equal(gen.tokens, fast.tokens) and torch.equal(gen.latents, fast.latents)
+    seeds = torch.arange(18)
+    shared = generate(qt.model, qt.head, ids, mask, 6, MAX_NEW, eos, pad, Sampler(seeds), num_samples=3)
+    repeated = generate(qt.model, qt.head, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), 6, MAX_NEW,
+                        eos, pad, Sampler(seeds))
+    assert torch.equal(shared.tokens, repeated.tokens)
 
 
 class RecordingHead(nn.Module):
