@@ -13,7 +13,6 @@ HF gradient checkpointing stays off: in training mode it silently drops the KV c
 relies on (notes/lightning-ecosystem.md, section 4).
 """
 
-import logging
 import math
 import time
 import warnings
@@ -29,8 +28,6 @@ from torchmetrics import MeanMetric
 from qthink.errors import UserError, require
 from qthink.latent import ProjectionHead, answer_hidden, answer_loss, generate, model_parts, think
 from qthink.model import QThink, load_base
-
-log = logging.getLogger(__name__)
 
 Distill = Literal["per_step", "final_step", "none"]
 Teacher = Literal["uniform", "weighted"]
@@ -251,28 +248,30 @@ class QThinkModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = self.compute_losses(batch)
         loss = losses["loss"]
-        self._require_finite(loss, f"loss is {loss.item()}", batch_idx)  # before backward and the optimizer
+        self._require_finite(loss, "loss", batch_idx)  # before backward and the optimizer step
         size = batch["prompt_ids"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=size)
         return loss
 
-    def _require_finite(self, value: Tensor, what: str, batch_idx: int) -> None:
+    def _require_finite(self, value: Tensor, name: str, batch_idx: int) -> None:
         finite = bool(torch.isfinite(value).all())
         if self._trainer is not None:  # every rank raises together instead of one waiting in all-reduce
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
+            where = f" on rank {self.global_rank}" if self._trainer is not None and self.trainer.world_size > 1 else ""
             raise NonFiniteLossError(
-                f"{what} at global step {self.global_step}, batch {batch_idx} (epoch {self.current_epoch}); stopped "
-                "before the optimizer step, so no checkpoint holds non-finite weights. Check the teacher store for "
-                "NaN/inf, lower model.lr, or train in bf16-mixed/32-true rather than 16-mixed"
+                f"{name} is {value.item()}{where} at global step {self.global_step}, batch {batch_idx} "
+                f"(epoch {self.current_epoch}); stopped before the optimizer step, so no checkpoint holds non-finite "
+                "weights. Check the teacher store for NaN/inf, lower model.lr, or train in bf16-mixed/32-true "
+                "rather than 16-mixed"
             )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad.detach().float() for p in self.parameters() if p.requires_grad and p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
         if norm is not None:
-            self._require_finite(norm, f"gradient norm is {norm.item()}", self.trainer.fit_loop.batch_idx)
+            self._require_finite(norm, "gradient norm", self.trainer.fit_loop.batch_idx)
             self.log("train/grad_norm", norm)  # before clipping (the Trainer clips after this hook)
         self.log("lr", optimizer.param_groups[0]["lr"])
 
