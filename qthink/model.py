@@ -237,10 +237,12 @@ class QThink(nn.Module):
                 seeds = torch.tensor([row_seed(sampler_seed, i) for i in idx], device=self.device)
                 sampler = Sampler(seeds, temperature, top_p, top_k)
             gen = generate(self.model, self.head, batch.input_ids, batch.attention_mask, k, max_new_tokens, eos, pad, sampler)
+            # one device-to-host copy per batch, not two per row (each would be a GPU sync)
+            tokens, lengths, finished = gen.tokens.tolist(), gen.lengths.tolist(), gen.finished.tolist()
             for row, i in enumerate(idx):
-                ids = gen.tokens[row, : gen.lengths[row]].tolist()
+                ids = tokens[row][: lengths[row]]
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                results[i] = {"question": questions[i], "answer": text, "token_ids": ids, "finished": bool(gen.finished[row])}
+                results[i] = {"question": questions[i], "answer": text, "token_ids": ids, "finished": finished[row]}
             if progress is not None:
                 progress.update(len(idx))
         return results  # type: ignore[return-value]
