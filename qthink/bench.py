@@ -362,6 +362,8 @@ def gpu_main(args) -> None:
         config = AutoConfig.for_model(**json.loads(Path(args.config).read_text()))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the tiny shape: see qthink.evaluate.choose_threads
     peak = args.peak_tflops or peak_tflops(device)
     with tempfile.TemporaryDirectory(prefix="qthink-bench-gpu-") as tmp:
         base = write_random_base(config, Path(tmp), dtype, device)
