@@ -172,7 +172,7 @@ def bench_inference(qt: QThink, questions: list[str], batch_sizes: list[int], la
     return rows
 
 
-# ---- the other benches (their owners' modules; imported only when asked for) ----
+# ---- the other benches (their owners' modules, imported when asked for) ----
 
 
 def flatten_result(bench: str, result: dict | list) -> list[dict]:
@@ -187,14 +187,26 @@ def flatten_result(bench: str, result: dict | list) -> list[dict]:
     return [{"bench": bench, "system": f"{bench}:{k}", **scalars, **v} for k, v in nested.items()]
 
 
-def run_other(bench: str, base_dir: Path, device: str | None) -> list[dict]:
-    """`bench_train` (qthink.module) or `bench_teachers` (qthink.teachers.extract) on `base_dir`."""
-    module, name = {"train": ("qthink.module", "bench_train"), "teachers": ("qthink.teachers.extract", "bench_teachers")}[bench]
-    try:
-        fn = getattr(__import__(module, fromlist=[name]), name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"qthink bench {bench} needs {module}.{name}, which this installation lacks ({e})") from e
-    return flatten_result(bench, fn(str(base_dir), device=device))
+def teacher_store(base_dir: Path, work: Path, device: str | None) -> Path:
+    """A small teacher store for `bench train`: the synthetic task's reference rollouts, extracted."""
+    from qthink.teachers.extract import build_teachers
+    from qthink.teachers.rollouts import write_reference_rollouts
+
+    rollouts = write_reference_rollouts(str(base_dir), work / "rollouts", n=16, G=2)
+    build_teachers(str(base_dir), rollouts, work / "teachers", K=6, dtype="float32", device=device)
+    return work / "teachers"
+
+
+def run_other(bench: str, base_dir: Path, work: Path, device: str | None, store: str | None = None) -> list[dict]:
+    """`bench_teachers` (qthink.teachers.extract) or `bench_train` (qthink.train_bench) on `base_dir`."""
+    if bench == "teachers":
+        from qthink.teachers.extract import bench_teachers
+
+        return flatten_result(bench, bench_teachers(str(base_dir), device=device))
+    from qthink.train_bench import bench_train
+
+    store = store or str(teacher_store(base_dir, work, device))
+    return flatten_result(bench, bench_train(str(base_dir), store, device=device))
 
 
 # ---- bench gpu: a Qwen3-1.7B-shaped model with random weights (the GPU machine has no network) ----
@@ -422,6 +434,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--json", help="write the rows to this JSON file")
     common.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
     common.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    common.add_argument("--store", default=None, help="bench train: teacher store (default: built from the model)")
     common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for a small model on CPU)")
     infer = argparse.ArgumentParser(add_help=False)
     infer.add_argument("--batch-sizes", default="1,8,32,64", help="comma-separated qthink batch sizes")
@@ -431,7 +444,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     infer.add_argument("--repeats", type=int, default=3, help="timed runs per system (median reported)")
     infer.add_argument("--systems", default=",".join(SYSTEMS), help="subset of " + ",".join(SYSTEMS))
     sub.add_parser("inference", parents=[common, infer], help="seed vs nocache vs qthink vs think")
-    sub.add_parser("train", parents=[common], help="training step (qthink.module.bench_train)")
+    sub.add_parser("train", parents=[common], help="training step, batched vs 1 x B (qthink.train_bench)")
     sub.add_parser("teachers", parents=[common], help="teacher extraction (qthink.teachers.extract)")
     sub.add_parser("all", parents=[common, infer], help="inference, train and teachers: one table")
     add_gpu_arguments(sub.add_parser("gpu", help="Qwen3-1.7B shape on a CUDA GPU (--small: CPU smoke test)"))
@@ -475,7 +488,7 @@ def cli_main(args) -> None:
         rows = inference_main(args, qt) if args.what in ("inference", "all") else []
         for bench in ("train", "teachers"):
             if args.what in (bench, "all"):
-                rows += run_other(bench, base_dir, args.device)
+                rows += run_other(bench, base_dir, Path(tmp), args.device, args.store)
     columns = INFERENCE_COLUMNS if args.what == "inference" else None
     print(markdown_table(rows, columns))
     write_json(rows, args.json)

@@ -84,11 +84,17 @@ def test_flatten_other_bench_results():
     assert flatten_result("train", [{"system": "x"}]) == [{"bench": "train", "system": "x"}]
 
 
-def test_bench_teachers_runs(tmp_path):
-    out = tmp_path / "teachers.json"
-    assert main(["bench", "teachers", "--json", str(out)]) == 0
+def test_bench_all_one_table(tmp_path, capsys):
+    """inference + train (qthink.train_bench) + teachers (qthink.teachers.extract): one table, one JSON."""
+    out = tmp_path / "all.json"
+    assert main(["bench", "all", "--problems", "3", "--max-new-tokens", "4", "--batch-sizes", "3", "--repeats", "1",
+                 "--systems", "seed,qthink", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert {r["system"] for r in rows} == {"teachers:extractor", "teachers:naive"}
+    assert [r["system"] for r in rows] == ["seed", "qthink", "train:batched", "train:seed_accumulated",
+                                           "teachers:extractor", "teachers:naive"]
+    assert rows[1]["identical_to_seed"] and rows[2]["samples_per_s"] > 0 and rows[4]["rollouts_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert printed.count("| bench |") == 1 and "| train | train:batched |" in printed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
