@@ -2,13 +2,14 @@
 
     qthink bench inference [--model tiny|DIR] [--batch-sizes 1,8,32,64] [--problems N] [--json OUT]
     qthink bench train | teachers | all          (training step / teacher extraction / all three)
-    qthink bench gpu [--small]                   (Qwen3-1.7B shape, random weights, CUDA; see `bench_gpu`)
+    qthink bench gpu [--small]                   (Qwen3-1.7B shape, random weights, CUDA; `gpu_main`)
 
 `inference` runs on the same synthetic test questions, in one process, all greedy with the same budgets:
 - `seed`:    the seed's published recipe, one question at a time (`qthink.seed_recipe`), the baseline;
 - `nocache`: Coconut-style recompute (batch 1, no KV cache: every step re-runs the whole prefix);
 - `qthink`:  the batched latent loop (`QThink.generate`) at each batch size;
-- `think`:   the base model with its visible chain of thought (K = 0, `enable_thinking=True`).
+- `think`:   the base model with its visible chain of thought (K = 0, `enable_thinking=True`), batched
+             at the largest batch size.
 Timings are `time.perf_counter` medians over repeats after one warm-up call per system; every system
 returns host-side token lists, so GPU work is finished when the clock stops. qthink rows say whether
 their tokens equal the seed's, question by question.
