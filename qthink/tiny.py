@@ -114,6 +114,20 @@ def tiny_config(vocab_size: int, hidden_size: int = 128, layers: int = 4, max_po
     )
 
 
+def redraw_weights(model: torch.nn.Module, seed: int) -> None:
+    """Draw every matrix from N(0, 1/fan_in) instead of Qwen3's N(0, 0.02^2).
+
+    0.02 is sized for hidden sizes in the thousands; at hidden 128 it left the model on a long plateau
+    where it predicted every digit of the synthetic task at chance (loss ln 10) after 800 steps, while with
+    1/fan_in it copied and computed digits within 200-300 steps (measured, same data and optimizer).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+
+
 def build_tiny_base(out: str | Path, seed: int = 0, hidden_size: int = 128, layers: int = 4) -> Path:
     """Write the tiny Qwen3 base model and its tokenizer to `out`; the same seed gives the same files."""
     out = Path(out)
@@ -123,6 +137,7 @@ def build_tiny_base(out: str | Path, seed: int = 0, hidden_size: int = 128, laye
     config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config).float()
+    redraw_weights(model, seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out.mkdir(parents=True, exist_ok=True)

@@ -78,13 +78,14 @@ def test_synthetic_steps_land_on_the_equals_tokens(tok):
     task = get_task("synthetic")
     record = task.load("train", n=1)[0]
     content = tok(f"\n{record['think']}\n", add_special_tokens=False)["input_ids"]
-    eq = [i for i, t in enumerate(content) if tok.decode([t]) == "="]
-    assert len(eq) == 3
+    every_eq = [i for i, t in enumerate(content) if tok.decode([t]) == "="]
+    eq = every_eq[1::2]  # `b=3+4=7`: the second `=` of each step is where its result is computed
+    assert len(every_eq) == 6
     assert step_positions(tok, content, 3, task.step_offsets) == eq
     assert step_positions(tok, content, 2, task.step_offsets) == [eq[0], eq[2]]
     assert step_positions(tok, content, 5, task.step_offsets) == eq + [eq[-1]] * 2
-    # without the task's offsets the general rule adds the end of the line (after the answer digit)
-    assert step_positions(tok, content, 4) == eq + [len(content) - 2]
+    # without the task's offsets the general rule takes every `=` before a value and the end of the line
+    assert step_positions(tok, content, 7) == every_eq + [len(content) - 2]
     assert content_positions("steps", tok, content, 3, task.step_offsets) == eq
     assert content_positions("linspace", tok, content, 3) == linspace_positions(len(content), 3)
 

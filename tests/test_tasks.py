@@ -379,8 +379,10 @@ def test_synthetic_is_deterministic_disjoint_and_correct():
         assert record["chain"] == _evaluate(record["question"])
         assert record["answer"] == str(record["chain"][-1]) == task.reference(record)
         assert task.prompt(record) == record["question"]
-        b, c, d = record["chain"]
-        assert task.think_text(record) == f"b={b} c={c} d={d}"
+        a = int(record["question"][2])
+        (b, c, d), ops = record["chain"], re.findall(r"([-+*])([1-9])", record["question"])
+        (o1, x1), (o2, x2), (o3, x3) = ops
+        assert task.think_text(record) == f"b={a}{o1}{x1}={b} c={b}{o2}{x2}={c} d={c}{o3}{x3}={d}"
 
 
 def test_synthetic_steps_size_and_step_offsets():
@@ -391,10 +393,10 @@ def test_synthetic_steps_size_and_step_offsets():
         think = task.think_text(record)
         offsets = task.step_offsets(think)
         assert len(offsets) == 5
-        # The character at each offset is "=", and the value right after it is that step's result.
+        # The character at each offset is the `=` before a result, and the value after it is that step's.
         assert [think[o] for o in offsets] == ["="] * 5
         assert [int(think[o + 1]) for o in offsets] == record["chain"]
-    assert task.step_offsets("b=7 c=4 d=9") == [1, 5, 9]
+    assert task.step_offsets("b=3+4=7 c=7*2=4 d=4+5=9") == [5, 13, 21]
     assert get_task("gsm8k").step_offsets("x = 1") is None
 
 
@@ -402,8 +404,8 @@ def test_synthetic_grader_and_its_errors():
     task = get_task("synthetic")
     record = {"question": "a=3 b=a+4 c=b*2 d=c+5 d?", "chain": [7, 4, 9], "answer": "9", "id": "x"}
     assert task.grade("9", record) == {"exact_match": 1.0}
-    assert task.grade("<think>\nb=7 c=4 d=9\n</think>\n\n9", record) == {"exact_match": 1.0}
-    assert task.grade("<think>\nb=7 c=4 d=9\n</think>\n\n4", record) == {"exact_match": 0.0}
+    assert task.grade("<think>\nb=3+4=7 c=7*2=4 d=4+5=9\n</think>\n\n9", record) == {"exact_match": 1.0}
+    assert task.grade("<think>\nb=3+4=7 c=7*2=4 d=4+5=9\n</think>\n\n4", record) == {"exact_match": 0.0}
     assert task.grade("d is 4, no wait 9", record) == {"exact_match": 1.0}
     assert task.grade("nine", record) == {"exact_match": 0.0}
     with pytest.raises(UserError, match="drop --data-path"):

@@ -5,11 +5,14 @@ CPU with a tiny model. A problem assigns a digit to `a` and derives each next va
 one with + - or * and a digit 1-9, all mod 10; the question asks for the last variable:
 
     question  "a=3 b=a+4 c=b*2 d=c+5 d?"      chain [7, 4, 9]
-    think     "b=7 c=4 d=9"                    answer "9"
+    think     "b=3+4=7 c=7*2=4 d=4+5=9"        answer "9"
 
-The reference chain of thought writes one intermediate result per step, so the hidden state at each
-`=` of the think text is where that step's value is computed (`step_offsets`), a natural teacher
-position for the latent steps.
+The reference chain of thought writes each step out (operand, operation, result), so the hidden state at
+the `=` before each result is where that step's value is computed (`step_offsets`), a natural teacher
+position for the latent steps. Why written out: with the shorter trace `b=7 c=4 d=9` the tiny demo model
+had to fetch three operands from afar for every digit and, within the demo's budget, did not learn to
+think better than it answered without thinking (27% vs 29% after 1,000 steps); with the operands spelled
+out it reached 56% vs 15% after 200 steps (measured, same model, data and optimizer).
 
 Splits are deterministic (seeded by split name) and disjoint whatever `n` is asked: a hash of the
 question assigns every possible problem to exactly one split (about 1 in 10 to test), and each split only
@@ -47,17 +50,22 @@ def make_problem(rng: random.Random, steps: int) -> dict[str, Any]:
     names = VARIABLES[: steps + 1]
     value = rng.randint(1, 9)
     parts = [f"{names[0]}={value}"]
-    chain = []
+    chain, values, ops = [], [value], []
     for prev, name in zip(names, names[1:], strict=False):
         op, operand = rng.choice(OPS), rng.randint(1, 9)
         value = apply_op(value, op, operand)
         chain.append(value)
+        values.append(value)
+        ops.append((op, operand))
         parts.append(f"{name}={prev}{op}{operand}")
     return {
         "question": " ".join(parts) + f" {names[-1]}?",
         "chain": chain,
         "answer": str(chain[-1]),
-        "think": " ".join(f"{name}={v}" for name, v in zip(names[1:], chain, strict=True)),
+        "think": " ".join(
+            f"{name}={prev}{op}{operand}={value}"
+            for name, prev, (op, operand), value in zip(names[1:], values[:-1], ops, chain, strict=True)
+        ),
     }
 
 
@@ -134,5 +142,6 @@ class SyntheticTask(Task):
         return {"exact_match": float(bool(digits) and digits[-1] == record["answer"])}
 
     def step_offsets(self, think_text: str) -> list[int]:
-        """Offsets of each `=` in the think text: the state at `=` predicts that step's value."""
-        return [i for i, c in enumerate(think_text) if c == "="]
+        """Offsets of the `=` before each step's result (the second `=` of `b=3+4=7`): the state there
+        predicts that step's value."""
+        return [m.start() for m in re.finditer(r"=(?=\d(?:\s|$))", think_text)]
