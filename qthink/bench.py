@@ -210,190 +210,6 @@ def run_other(bench: str, base_dir: Path, work: Path, device: str | None, store:
     return flatten_result(bench, bench_train(str(base_dir), store, device=device))
 
 
-# ---- bench gpu: a Qwen3-1.7B-shaped model with random weights (the GPU machine has no network) ----
-
-QWEN3_1P7B = Path(__file__).resolve().parents[1] / "configs" / "qwen3-1.7b" / "model.json"
-# Dense bf16 tensor-core peaks (no sparsity); more specific names first. Other cards: --peak-tflops.
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
-SMALL = {"batch_size": 2, "prompt_tokens": 32, "answer_tokens": 8, "latent_steps": 6, "lora_r": 4, "steps": 1,
-         "infer_batch": 4, "infer_prompt_tokens": 16, "infer_new_tokens": 8}
-
-
-def train_flops(config, batch: int, prompt: int, latents: int, answer: int) -> tuple[float, float]:
-    """(model FLOPs of one LoRA training step, the same counted PaLM-style as 3 x forward).
-
-    Forward: 2 FLOPs per weight per token for the block projections, causal attention (QK^T and AV over
-    the keys each query sees) and the LM head over answer tokens only (`answer_loss`). Backward of frozen
-    weights needs input gradients only (1 x forward); attention needs dQ, dK and dV (2 x forward). LoRA's
-    rank-r matmuls (a few % at r=32) and the head's are left out, and so is recomputation.
-    """
-    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    per_token = 2 * layers * (2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + 3 * h * config.intermediate_size)
-    seq = prompt + latents + answer
-    attention = 4 * layers * heads * head_dim * seq * (seq + 1) / 2
-    lm_head = 2 * h * vocab * answer
-    linear = seq * per_token + lm_head
-    return batch * (2 * linear + 3 * attention), batch * 3 * (linear + attention)
-
-
-def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if all(part in name for part in k.split())), None)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def write_random_base(config, out: Path, dtype: torch.dtype, device: torch.device) -> Path:
-    """A loadable model directory with random weights of `config`'s shape (tokenizer: the tiny one's)."""
-    from transformers import AutoModelForCausalLM
-
-    from qthink.tiny import build_tokenizer
-
-    torch.manual_seed(0)
-    with torch.device(device):  # initialise on the GPU: 1.7B normal_ draws on a CPU take minutes
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(out)
-    build_tokenizer(0).save_pretrained(out)
-    return out
-
-
-def latent_inference(base: Path, device: torch.device, dtype: torch.dtype, batch: int, prompt: int,
-                     new_tokens: int, latent_steps: int) -> dict:
-    """Throughput of `qthink.latent.generate` (prompt -> K latents -> answer) on random prompts; EOS is
-    never matched, so every row decodes `new_tokens`."""
-    from qthink.latent import generate, think
-    from qthink.model import load_base
-
-    model, _ = load_base(str(base), dtype)
-    model.to(device)
-    head = ProjectionHead(model.config.hidden_size).to(device, dtype).eval()
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
-    ids, mask = ids.to(device), torch.ones(batch, prompt, dtype=torch.long, device=device)
-
-    def run(n: int) -> None:
-        generate(model, head, ids, mask, latent_steps, n, eos_token_id=-1, pad_token_id=0)
-        sync(device)
-
-    def prefill() -> None:
-        with torch.inference_mode():
-            think(model, head, ids, mask, latent_steps, reserve=new_tokens)
-        sync(device)
-
-    run(2)  # warm-up
-    think_s, _ = timed(prefill, 2)
-    seconds, _ = timed(lambda: run(new_tokens), 2)
-    return {"system": "latent-inference", "batch_size": batch, "prompt_tokens": prompt, "latent_steps": latent_steps,
-            "new_tokens": new_tokens, "seconds": seconds, "prefill_latent_seconds": think_s,
-            "problems_per_s": batch / seconds, "tokens_per_s": batch * new_tokens / seconds,
-            "decode_tokens_per_s": batch * new_tokens / max(seconds - think_s, 1e-9)}
-
-
-def training_step_speed(base: Path, device: torch.device, batch: int, prompt: int, answer: int, latent_steps: int,
-                        lora_r: int, steps: int, peak: float | None) -> dict:
-    """Tokens/s and MFU of the training step `QThinkModule.compute_losses` + backward + AdamW on random
-    data, under bf16 autocast on CUDA (the Trainer's bf16-mixed: float32 weights, bf16 matmuls)."""
-    import contextlib
-
-    from qthink.module import LoraArgs, QThinkModule
-
-    module = QThinkModule(str(base), lora=LoraArgs(r=lora_r, alpha=max(1, lora_r // 2)), latent_steps=latent_steps)
-    module.configure_model()
-    module.to(device).train()
-    config = module.model.config
-    g = torch.Generator().manual_seed(0)
-    answer_ids = torch.randint(0, config.vocab_size, (batch, answer), generator=g)
-    data = {"prompt_ids": torch.randint(0, config.vocab_size, (batch, prompt), generator=g),
-            "prompt_mask": torch.ones(batch, prompt, dtype=torch.long), "answer_ids": answer_ids,
-            "answer_mask": torch.ones(batch, answer, dtype=torch.long), "labels": answer_ids.clone(),
-            "teacher_uniform": torch.randn(batch, latent_steps, config.hidden_size, generator=g),
-            "num_valid": torch.full((batch,), 4), "weighted_valid": torch.ones(batch, dtype=torch.bool)}
-    data = {k: v.to(device) for k, v in data.items()}
-    data["teacher_weighted"] = data["teacher_uniform"]
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-4)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-    def step() -> None:
-        with autocast:
-            loss = module.compute_losses(data)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-
-    step(), step()  # warm-up: allocator, kernel choice, AdamW state
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds, _ = timed(step, steps)
-    flops, palm_flops = train_flops(config, batch, prompt, latent_steps, answer)
-    tokens = batch * (prompt + latent_steps + answer)
-    row = {"system": "train-step", "batch_size": batch, "prompt_tokens": prompt, "latent_steps": latent_steps,
-           "answer_tokens": answer, "lora_r": lora_r, "seconds": seconds, "tokens_per_s": tokens / seconds,
-           "tflops_per_s": flops / seconds / 1e12, "mfu": flops / seconds / (peak * 1e12) if peak else None,
-           "mfu_palm": palm_flops / seconds / (peak * 1e12) if peak else None}
-    if device.type == "cuda":
-        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return row
-
-
-def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=str(QWEN3_1P7B), help="config.json giving the model shape")
-    p.add_argument("--batch-size", type=int, default=8, help="training batch size")
-    p.add_argument("--prompt-tokens", type=int, default=1024)
-    p.add_argument("--answer-tokens", type=int, default=256)
-    p.add_argument("--latent-steps", type=int, default=6)
-    p.add_argument("--lora-r", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5, help="timed training steps (after 2 warm-up steps)")
-    p.add_argument("--infer-batch", type=int, default=64)
-    p.add_argument("--infer-prompt-tokens", type=int, default=256)
-    p.add_argument("--infer-new-tokens", type=int, default=256)
-    p.add_argument("--peak-tflops", type=float, default=None, help="card's dense bf16 peak (default: known cards)")
-    p.add_argument("--small", action="store_true", help="tiny shape and sizes; runs on CPU (smoke test)")
-    p.add_argument("--json", default=None, help="output JSON (default: $OUT/bench_gpu.json when $OUT is set)")
-
-
-def gpu_main(args) -> None:
-    import os
-
-    from transformers import AutoConfig
-
-    from qthink.tiny import tiny_config
-
-    require(args.small or torch.cuda.is_available(), "qthink bench gpu needs a CUDA GPU and torch sees none "
-            "(torch.cuda.is_available() is False); run `qthink bench gpu --small` for a CPU smoke test")
-    sizes = SMALL if args.small else {k: getattr(args, k) for k in SMALL}
-    require(all(v > 0 for v in sizes.values()), f"bench gpu sizes must be > 0 (got {sizes})")
-    if args.small:
-        config = tiny_config(512)
-    else:
-        require(Path(args.config).is_file(), f"{args.config}: no such config file; pass --config model.json")
-        config = AutoConfig.for_model(**json.loads(Path(args.config).read_text()))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # the tiny shape: see qthink.evaluate.choose_threads
-    peak = args.peak_tflops or peak_tflops(device)
-    with tempfile.TemporaryDirectory(prefix="qthink-bench-gpu-") as tmp:
-        base = write_random_base(config, Path(tmp), dtype, device)
-        rows = [latent_inference(base, device, dtype, sizes["infer_batch"], sizes["infer_prompt_tokens"],
-                                 sizes["infer_new_tokens"], sizes["latent_steps"])]
-        rows.append(training_step_speed(base, device, sizes["batch_size"], sizes["prompt_tokens"],
-                                        sizes["answer_tokens"], sizes["latent_steps"], sizes["lora_r"],
-                                        sizes["steps"], peak))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    for row in rows:
-        row.update(bench="gpu", device=name, dtype=str(dtype).removeprefix("torch."), peak_tflops=peak,
-                   hidden_size=config.hidden_size, layers=config.num_hidden_layers)
-    print(markdown_table(rows))
-    out = args.json or (str(Path(os.environ["OUT"]) / "bench_gpu.json") if os.environ.get("OUT") else None)
-    write_json(rows, out)
-
-
 # ---- output ----
 
 
@@ -448,6 +264,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_parser("train", parents=[common], help="training step, batched vs 1 x B (qthink.train_bench)")
     sub.add_parser("teachers", parents=[common], help="teacher extraction (qthink.teachers.extract)")
     sub.add_parser("all", parents=[common, infer], help="inference, train and teachers: one table")
+    from qthink.bench_gpu import add_gpu_arguments
+
     add_gpu_arguments(sub.add_parser("gpu", help="Qwen3-1.7B shape on a CUDA GPU (--small: CPU smoke test)"))
 
 
@@ -478,6 +296,8 @@ def cli_main(args) -> None:
     from qthink.compat import default_device
 
     if args.what == "gpu":
+        from qthink.bench_gpu import gpu_main
+
         return gpu_main(args)
     from qthink.evaluate import choose_threads
 

@@ -36,19 +36,19 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 class DemoSettings:
     """Sizes of every stage; `--quick` shrinks them to finish in about two minutes."""
 
-    base_steps: int = 1500  # supervised steps teaching the tiny base to think
-    base_problems: int = 4000  # synthetic training chains for that stage
+    base_steps: int = 500  # supervised steps teaching the tiny base to think (98% with thinking at 400)
+    base_problems: int = 20000  # synthetic training chains for that stage (fresh ones: no memorising)
     rollout_problems: int = 1000  # problems with G rollouts each (the distillation set)
     G: int = 8  # rollouts per problem
     fit_steps: int = 300  # optimizer steps per QThink / baseline fit
     fit_batch_size: int = 32  # problems per step
     eval_problems: int = 300  # held-out synthetic test problems
-    max_new_tokens: int = 32  # generation budget (a think block of 3 steps is ~14 tokens)
+    max_new_tokens: int = 40  # generation budget (a thinking answer of 3 steps is about 30 tokens)
     K: int = 6  # latent steps (the seed's)
 
 
 QUICK = DemoSettings(base_steps=150, base_problems=500, rollout_problems=48, G=4, fit_steps=12,
-                     fit_batch_size=8, eval_problems=48, max_new_tokens=24)
+                     fit_batch_size=8, eval_problems=48, max_new_tokens=40)
 
 # name, label in the table, config override file (None: no fit), teacher store
 SYSTEMS = [

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from qthink.bench import (
-    QWEN3_1P7B,
     flatten_result,
     nocache_generate,
     spread_weights,
     tiny_qthink,
-    train_flops,
 )
+from qthink.bench_gpu import QWEN3_1P7B, train_flops
 from qthink.cli import main
 from qthink.seed_recipe import seed_generate
 

@@ -1,0 +1,84 @@
+"""`qthink demo --quick` end to end (the project's strongest integration test), its resumability and
+determinism, and the inspection notebook executed headless on its output."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qthink.demo import SYSTEMS, run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def table_without_seconds(table: str) -> list[list[str]]:
+    """The demo table's cells with the timing column dropped (the only part allowed to differ)."""
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in row[:-1]] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, dict]:
+    workdir = tmp_path_factory.mktemp("demo")
+    return workdir, run_demo(workdir, quick=True, seed=0)
+
+
+def test_quick_demo_writes_the_full_table_report_and_plots(quick_run):
+    workdir, result = quick_run
+    rows = table_without_seconds(result["table"])
+    assert len(rows) == 2 + len(SYSTEMS)  # header, separator, one row per system
+    labels = [r[0] for r in rows[2:]]
+    assert labels == [label for _, label, _, _ in SYSTEMS]
+    for row in rows[2:]:
+        assert re.fullmatch(r"\d+\.\d%", row[1]), row
+    report = (workdir / "report.md").read_text()
+    assert result["table"] in report
+    assert (workdir / "training_curves.png").stat().st_size > 10_000
+    assert (workdir / "accuracy_vs_tokens.png").stat().st_size > 10_000
+    for name, *_ in SYSTEMS:  # every system was evaluated and wrote its predictions
+        summary = json.loads((workdir / "eval" / name / "summary.json").read_text())
+        assert summary["problems"] == 48
+    # the students are real seed-format checkpoints
+    for name in ("sft", "codi", "rw-per-step", "qthink", "qthink-steps"):
+        assert (workdir / "export" / name / "projection_head.pt").is_file()
+
+
+def test_demo_rerun_skips_finished_stages_and_gives_the_same_table(quick_run, capsys):
+    workdir, first = quick_run
+    again = run_demo(workdir, quick=True, seed=0)
+    out = capsys.readouterr().out
+    assert "base: done already" in out and "fit-qthink: done already" in out
+    assert again["table"] == first["table"]
+
+
+def test_demo_is_deterministic_for_a_seed(quick_run, tmp_path):
+    _, first = quick_run
+    second = run_demo(tmp_path / "again", quick=True, seed=0)
+    assert table_without_seconds(second["table"]) == table_without_seconds(first["table"])
+
+
+def test_inspection_notebook_runs_headless_on_the_demo_output(quick_run):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    workdir, _ = quick_run
+    nb = nbformat.read(ROOT / "notebooks" / "inspect_run.ipynb", as_version=4)
+    os.environ["QTHINK_RUN"] = str(workdir)
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", cwd=str(ROOT)).execute()
+    finally:
+        os.environ.pop("QTHINK_RUN")
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "latent 6: top tokens" in text
+    assert "teacher positions (linspace)" in text and "teacher positions (steps)" in text
+    assert "qthink: k=1" in text
+
+
+def test_demo_cli_rejects_bad_ablation_seeds(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qthink", "demo", "--workdir", str(tmp_path), "--ablation-seeds", "a,b"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--ablation-seeds" in proc.stderr
