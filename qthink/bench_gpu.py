@@ -30,7 +30,7 @@ def train_flops(config, batch: int, prompt: int, latents: int, answer: int) -> t
     """(model FLOPs of one LoRA training step, the same counted PaLM-style as 3 x forward).
 
     Forward: 2 FLOPs per weight per token for the block projections, causal attention (QK^T and AV over
-    the keys each query sees) and the LM head over answer tokens only (`answer_loss`). Backward of frozen
+    the keys each query sees) and the LM head over answer tokens only (`answer_token_losses`). Backward of frozen
     weights needs input gradients only (1 x forward); attention needs dQ, dK and dV (2 x forward). LoRA's
     rank-r matmuls (a few % at r=32) and the head's are left out, and so is recomputation.
     """

@@ -1,6 +1,6 @@
 """The latent loop: ProjectionHead and the one implementation of prompt -> K latent steps -> answer.
 
-Training (`think` + `answer_hidden` + `answer_loss`, with gradients), validation, inference, evaluation,
+Training (`think` + `answer_hidden` + `answer_token_losses`, with gradients), validation, inference, evaluation,
 rollouts and benchmarks (`generate`, under `torch.inference_mode`) all run through these functions.
 
 Sequence layout (DESIGN.md contract 1): a batch of left-padded prompts, then K latent positions, then the
@@ -226,28 +226,31 @@ def answer_hidden(model: nn.Module, state: LatentState, answer_ids: Tensor, answ
     return torch.cat([state.hidden[:, None], out.last_hidden_state], 1)
 
 
-def _ce_sum(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+def _token_ce(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
-def answer_loss(hidden: Tensor, lm_head: nn.Module, targets: Tensor, chunk_tokens: int = 4096) -> tuple[Tensor, Tensor]:
-    """Summed float32 cross-entropy of `targets` (-100 = ignore) and the number of counted tokens.
+def answer_token_losses(hidden: Tensor, lm_head: nn.Module, targets: Tensor, chunk_tokens: int = 4096) -> Tensor:
+    """Float32 cross-entropy of every target token, shaped like `targets`, 0 where the target is -100.
 
-    Logits are built `chunk_tokens` rows at a time and recomputed in backward (checkpointed), so the
-    [tokens, vocab] matrix (151,936 columns for Qwen3) never exists whole.
+    Only the counted tokens reach the LM head, `chunk_tokens` at a time and recomputed in backward
+    (checkpointed), so the [tokens, vocab] matrix (151,936 columns for Qwen3) never exists whole.
     """
-    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    keep = targets != -100
-    hidden, targets = hidden[keep], targets[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk_tokens):
-        h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    keep = flat_targets != -100
+    kept_hidden, kept_targets = flat_hidden[keep], flat_targets[keep]
+    pieces = []
+    for start in range(0, kept_targets.numel(), chunk_tokens):
+        h, t = kept_hidden[start : start + chunk_tokens], kept_targets[start : start + chunk_tokens]
         if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_ce_sum, h, lm_head.weight, t, use_reentrant=False)
+            pieces.append(checkpoint(_token_ce, h, lm_head.weight, t, use_reentrant=False))
         else:
-            total = total + _ce_sum(h, lm_head.weight, t)
-    return total, keep.sum()
+            pieces.append(_token_ce(h, lm_head.weight, t))
+    losses = flat_hidden.new_zeros(flat_targets.shape, dtype=torch.float32)
+    if pieces:
+        losses = losses.masked_scatter(keep, torch.cat(pieces))
+    return losses.view(targets.shape)
 
 
 # ---- sampling: counter-based noise, so a row's sample depends on its seed and step, not its batch ----

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from qthink.errors import UserError, require
-from qthink.latent import ProjectionHead, answer_hidden, answer_loss, generate, model_parts, think
+from qthink.latent import ProjectionHead, answer_hidden, answer_token_losses, generate, model_parts, think
 from qthink.model import QThink, load_base
 
 Distill = Literal["per_step", "final_step", "none"]
@@ -63,15 +63,13 @@ def mean_row_ce(hidden: Tensor, lm_head: nn.Module, labels: Tensor) -> Tensor:
 
     At batch 1 this is the token mean of the seed's recipe; at batch B it equals the seed's
     1 x B gradient accumulation exactly, so batching changes speed, not the objective.
-    Rows without a labelled token do not count.
+    Rows without a labelled token do not count. One LM-head pass for the whole batch.
     """
-    per_row = []
-    for h, y in zip(hidden, labels, strict=True):
-        total, count = answer_loss(h, lm_head, y)
-        if count > 0:
-            per_row.append(total / count)
-    require(len(per_row) > 0, "a training batch has no answer tokens; check data.max_answer_tokens")
-    return torch.stack(per_row).mean()
+    counts = (labels != -100).sum(-1)
+    has_tokens = counts > 0
+    require(bool(has_tokens.any()), "a training batch has no answer tokens; check data.max_answer_tokens")
+    per_row = answer_token_losses(hidden, lm_head, labels).sum(-1)
+    return (per_row[has_tokens] / counts[has_tokens]).mean()
 
 
 def l1_per_step(latents: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
