@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qthink.errors import require
-from qthink.model import HEAD_PT, HEAD_ST, QThink, encode_prompts, parse_dtype
+from qthink.model import HEAD_PT, HEAD_ST, QThink, parse_dtype
 from qthink.tasks import Task, get_task, split_think
 
 MODES = ("qthink", "think", "nothink")
@@ -108,23 +108,21 @@ def output_text(tokenizer, token_ids: list[int], finished: bool) -> str:
 
 def generate_timed(qt: QThink, questions: list[str], latent_steps: int, max_new_tokens: int, batch_size: int,
                    enable_thinking: bool, bar=None) -> tuple[list[dict], list[float]]:
-    """`QThink.generate` over batches of similar prompt length (as it forms them itself), timing each batch:
-    (results in question order, each problem's share of its batch's seconds)."""
-    require(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
-    prompts = encode_prompts(qt.tokenizer, questions, enable_thinking)
-    qt.check_request([len(p) for p in prompts], latent_steps, max_new_tokens)  # before any decoding
-    order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
-    results: list[dict] = [{}] * len(questions)
+    """`QThink.generate`, timing each of the batches it forms: (results in question order, each problem's
+    share of its batch's seconds)."""
     seconds = [0.0] * len(questions)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        began = time.perf_counter()
-        out = qt.generate([questions[i] for i in idx], latent_steps, max_new_tokens, len(idx), enable_thinking)
-        share = (time.perf_counter() - began) / len(idx)
-        for i, r in zip(idx, out, strict=True):
-            results[i], seconds[i] = r, share
+    last = time.perf_counter()
+
+    def batch_done(indices: list[int]) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        for i in indices:
+            seconds[i] = (now - last) / len(indices)
+        last = now
         if bar is not None:
-            bar.update(len(idx))
+            bar.update(len(indices))
+
+    results = qt.generate(questions, latent_steps, max_new_tokens, batch_size, enable_thinking, on_batch=batch_done)
     return results, seconds
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,11 +216,13 @@ class QThink(nn.Module):
 
     def generate(self, questions: list[str], latent_steps: int | None = None, max_new_tokens: int = 256,
                  batch_size: int = 16, enable_thinking: bool = False, sampler_seed: int | None = None,
-                 temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20, progress=None) -> list[dict]:
+                 temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20,
+                 on_batch: Callable[[list[int]], None] | None = None) -> list[dict]:
         """Answers for `questions`: dicts with `question`, `answer`, `token_ids`, `finished`.
 
         Batches are formed from questions of similar length (less padding); results do not depend on
-        batching. Greedy unless `sampler_seed` is given.
+        batching. Greedy unless `sampler_seed` is given. `on_batch(indices)` is called after each batch with
+        the positions in `questions` it answered (progress bars, per-batch timing).
         """
         require(len(questions) > 0, "no questions given: pass -q QUESTION or --input FILE.jsonl")
         require(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
@@ -243,8 +246,8 @@ class QThink(nn.Module):
                 ids = tokens[row][: lengths[row]]
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 results[i] = {"question": questions[i], "answer": text, "token_ids": ids, "finished": finished[row]}
-            if progress is not None:
-                progress.update(len(idx))
+            if on_batch is not None:
+                on_batch(idx)
         return results  # type: ignore[return-value]
 
 
