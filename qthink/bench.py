@@ -7,7 +7,8 @@
 `inference` runs on the same synthetic test questions, in one process, all greedy with the same budgets:
 - `seed`:    the seed's published recipe, one question at a time (`qthink.seed_recipe`), the baseline;
 - `nocache`: Coconut-style recompute (batch 1, no KV cache: every step re-runs the whole prefix);
-- `qthink`:  the batched latent loop (`QThink.generate`) at each batch size;
+- `qthink`:  the batched latent loop (`QThink.generate`) at each batch size, in each `--decode-modes` mode
+             (`dynamic`, `static`, `compiled`: see `qthink.latent`; rows carry `decode_mode`);
 - `think`:   the base model with its visible chain of thought (K = 0, `enable_thinking=True`), batched
              at the largest batch size.
 Timings are `time.perf_counter` medians over repeats after one warm-up call per system; every system
@@ -132,33 +133,42 @@ def bench_row(system: str, batch_size: int, seconds: float, tokens: list[list[in
             "mean_tokens": total / n}
 
 
-def inference_runs(qt: QThink, batch_sizes: list[int], latent_steps: int, max_new_tokens: int) -> dict:
-    """(system, batch size) -> a function of the questions returning their token-id lists."""
+def inference_runs(qt: QThink, batch_sizes: list[int], latent_steps: int, max_new_tokens: int,
+                   decode_modes: tuple[str, ...] = ("dynamic",)) -> dict:
+    """(system, batch size, decode mode or None) -> a function of the questions returning their token-id lists."""
     k, n = latent_steps, max_new_tokens
 
-    def batched(b: int, steps: int, thinking: bool = False) -> Callable[[list[str]], list[list[int]]]:
-        return lambda qs: [r["token_ids"] for r in qt.generate(qs, steps, n, b, enable_thinking=thinking)]
+    def batched(b: int, steps: int, mode: str = "dynamic", thinking: bool = False) -> Callable[[list[str]], list]:
+        return lambda qs: [r["token_ids"] for r in qt.generate(qs, steps, n, b, enable_thinking=thinking,
+                                                               decode_mode=mode)]
 
     return {
-        ("seed", 1): lambda qs: [seed_generate(qt.model, qt.tokenizer, qt.head, q, k, n) for q in qs],
-        ("nocache", 1): lambda qs: [nocache_generate(qt.model, qt.tokenizer, qt.head, q, k, n) for q in qs],
-        **{("qthink", b): batched(b, k) for b in batch_sizes},
-        ("think", max(batch_sizes)): batched(max(batch_sizes), 0, thinking=True),
+        ("seed", 1, None): lambda qs: [seed_generate(qt.model, qt.tokenizer, qt.head, q, k, n) for q in qs],
+        ("nocache", 1, None): lambda qs: [nocache_generate(qt.model, qt.tokenizer, qt.head, q, k, n) for q in qs],
+        **{("qthink", b, mode): batched(b, k, mode) for mode in decode_modes for b in batch_sizes},
+        ("think", max(batch_sizes), decode_modes[0]): batched(max(batch_sizes), 0, decode_modes[0], thinking=True),
     }
 
 
 def bench_inference(qt: QThink, questions: list[str], batch_sizes: list[int], latent_steps: int = 6,
-                    max_new_tokens: int = 64, repeats: int = 3, systems: tuple[str, ...] = SYSTEMS) -> list[dict]:
-    """One row per (system, batch size); `speedup_vs_seed` is the seed's seconds over the row's."""
+                    max_new_tokens: int = 64, repeats: int = 3, systems: tuple[str, ...] = SYSTEMS,
+                    decode_modes: tuple[str, ...] = ("dynamic",)) -> list[dict]:
+    """One row per (system, batch size[, decode mode]); `speedup_vs_seed` is the seed's seconds over the row's."""
     require(len(questions) > 0, "no questions to benchmark")
     require(all(b > 0 for b in batch_sizes), f"batch sizes must be > 0 (got {batch_sizes})")
     rows, reference = [], None
-    for (system, b), run in inference_runs(qt, batch_sizes, latent_steps, max_new_tokens).items():
+    for (system, b, mode), run in inference_runs(qt, batch_sizes, latent_steps, max_new_tokens, decode_modes).items():
         if system not in systems:
             continue
-        run(questions[:b])  # warm-up: first-call allocations, lazy imports, kernel choice
+        # warm-up on every batch shape the timed runs will see (the last batch may be smaller): first-call
+        # allocations, lazy imports, kernel choice and, for `compiled`, compilation
+        run(questions[:b])
+        if len(questions) % b:
+            run(questions[-(len(questions) % b):])
         seconds, tokens = timed(lambda run=run: run(questions), repeats)
         row = bench_row(system, b, seconds, tokens)
+        if mode is not None:
+            row["decode_mode"] = mode
         if system == "seed":
             reference = tokens
         elif system in ("qthink", "nocache") and reference is not None:
@@ -230,7 +240,7 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-INFERENCE_COLUMNS = ["system", "batch_size", "problems_per_s", "tokens_per_s", "seconds_per_problem",
+INFERENCE_COLUMNS = ["system", "batch_size", "decode_mode", "problems_per_s", "tokens_per_s", "seconds_per_problem",
                      "mean_tokens", "speedup_vs_seed", "identical_to_seed"]
 
 
@@ -260,6 +270,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     infer.add_argument("--latent-steps", type=int, default=6, help="K for seed, nocache and qthink")
     infer.add_argument("--repeats", type=int, default=3, help="timed runs per system (median reported)")
     infer.add_argument("--systems", default=",".join(SYSTEMS), help="subset of " + ",".join(SYSTEMS))
+    infer.add_argument("--decode-modes", default="dynamic",
+                       help="qthink decode modes to time, comma-separated: dynamic,static,compiled")
     sub.add_parser("inference", parents=[common, infer], help="seed vs nocache vs qthink vs think")
     sub.add_parser("train", parents=[common], help="training step, batched vs 1 x B (qthink.train_bench)")
     sub.add_parser("teachers", parents=[common], help="teacher extraction (qthink.teachers.extract)")
@@ -279,16 +291,20 @@ def parse_ints(text: str, flag: str) -> list[int]:
 
 
 def inference_main(args, qt: QThink) -> list[dict]:
+    from qthink.latent import DECODE_MODES
     from qthink.tasks import get_task
 
     systems = tuple(s.strip() for s in args.systems.split(","))
     require(set(systems) <= set(SYSTEMS), f"--systems: unknown {sorted(set(systems) - set(SYSTEMS))}; use {SYSTEMS}")
+    modes = tuple(m.strip() for m in args.decode_modes.split(",") if m.strip())
+    require(modes and set(modes) <= set(DECODE_MODES),
+            f"--decode-modes: {args.decode_modes!r} is not a comma-separated subset of {','.join(DECODE_MODES)}")
     require(args.problems > 0, f"--problems must be > 0 (got {args.problems})")
     require(args.repeats > 0, f"--repeats must be > 0 (got {args.repeats})")
     qt.check_request([1], args.latent_steps, args.max_new_tokens)
     questions = [r["question"] for r in get_task("synthetic").load("test", n=args.problems)]
     rows = bench_inference(qt, questions, parse_ints(args.batch_sizes, "--batch-sizes"), args.latent_steps,
-                           args.max_new_tokens, args.repeats, systems)
+                           args.max_new_tokens, args.repeats, systems, modes)
     return [{"bench": "inference", **r} for r in rows]
 
 

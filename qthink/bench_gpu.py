@@ -5,12 +5,15 @@ model with random weights (the GPU machines have no network, so no real weights)
     qthink bench gpu --small                            (tiny shape on CPU: a smoke test for the suite)
 
 Training goes through the real code path (`QThinkModule.configure_model` + `compute_losses` + backward,
-LoRA r=32 + head) at prompt 1024 / K=6 / answer 256; inference through `QThink.generate` at batch 64.
+LoRA r=32 + head) at prompt 1024 / K=6 / answer 256; inference through `qthink.latent.generate` at batch 64, once
+per `--decode-modes` mode (default `dynamic,compiled`: the growing cache, and the static cache under
+torch.compile with CUDA graphs), each row saying how many of its tokens equal the first mode's.
 """
 
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -70,35 +73,62 @@ def write_random_base(config, out: Path, dtype: torch.dtype, device: torch.devic
     return out
 
 
-def latent_inference(base: Path, device: torch.device, dtype: torch.dtype, batch: int, prompt: int,
-                     new_tokens: int, latent_steps: int) -> dict:
-    """Throughput of `qthink.latent.generate` (prompt -> K latents -> answer) on random prompts; EOS is
-    never matched, so every row decodes `new_tokens`."""
+def latent_inference(model, device: torch.device, batch: int, prompt: int, new_tokens: int, latent_steps: int,
+                     decode_mode: str = "dynamic") -> tuple[dict, torch.Tensor]:
+    """Throughput of `qthink.latent.generate` (prompt -> K latents -> answer) on random prompts, and its tokens;
+    EOS is never matched, so every row decodes `new_tokens`. The first, untimed call compiles (`compiled`)."""
     from qthink.latent import generate, think
+
+    torch.manual_seed(0)
+    head = ProjectionHead(model.config.hidden_size).to(device, model.dtype).eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    ids, mask = ids.to(device), torch.ones(batch, prompt, dtype=torch.long, device=device)
+
+    def run() -> torch.Tensor:
+        tokens = generate(model, head, ids, mask, latent_steps, new_tokens, -1, 0, decode_mode=decode_mode).tokens
+        sync(device)
+        return tokens
+
+    def prefill() -> None:
+        with torch.inference_mode():
+            think(model, head, ids, mask, latent_steps, new_tokens, decode_mode)
+        sync(device)
+
+    start = time.perf_counter()
+    run()  # warm-up (and compilation)
+    warmup = time.perf_counter() - start
+    think_s, _ = timed(prefill, 2)
+    seconds, tokens = timed(run, 2)
+    row = {"system": "latent-inference", "decode_mode": decode_mode, "batch_size": batch, "prompt_tokens": prompt,
+           "latent_steps": latent_steps, "new_tokens": new_tokens, "seconds": seconds, "warmup_seconds": warmup,
+           "prefill_latent_seconds": think_s, "problems_per_s": batch / seconds,
+           "tokens_per_s": batch * new_tokens / seconds,
+           "decode_tokens_per_s": batch * new_tokens / max(seconds - think_s, 1e-9)}
+    return row, tokens
+
+
+def inference_rows(base: Path, device: torch.device, dtype: torch.dtype, sizes: dict, modes: list[str]) -> list[dict]:
+    """One `latent_inference` row per decode mode; a mode that fails (a compiler error on this card) gives a
+    row with its `error` instead of ending the bench, and `speedup_vs_first`/`tokens_equal_first` compare each
+    row with the first mode's."""
     from qthink.model import load_base
 
     model, _ = load_base(str(base), dtype)
     model.to(device)
-    head = ProjectionHead(model.config.hidden_size).to(device, dtype).eval()
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
-    ids, mask = ids.to(device), torch.ones(batch, prompt, dtype=torch.long, device=device)
-
-    def run(n: int) -> None:
-        generate(model, head, ids, mask, latent_steps, n, eos_token_id=-1, pad_token_id=0)
-        sync(device)
-
-    def prefill() -> None:
-        with torch.inference_mode():
-            think(model, head, ids, mask, latent_steps, reserve=new_tokens)
-        sync(device)
-
-    run(2)  # warm-up
-    think_s, _ = timed(prefill, 2)
-    seconds, _ = timed(lambda: run(new_tokens), 2)
-    return {"system": "latent-inference", "batch_size": batch, "prompt_tokens": prompt, "latent_steps": latent_steps,
-            "new_tokens": new_tokens, "seconds": seconds, "prefill_latent_seconds": think_s,
-            "problems_per_s": batch / seconds, "tokens_per_s": batch * new_tokens / seconds,
-            "decode_tokens_per_s": batch * new_tokens / max(seconds - think_s, 1e-9)}
+    rows, first = [], None
+    for mode in modes:
+        try:
+            row, tokens = latent_inference(model, device, sizes["infer_batch"], sizes["infer_prompt_tokens"],
+                                           sizes["infer_new_tokens"], sizes["latent_steps"], mode)
+        except Exception as e:  # noqa: BLE001 - reported in the row; the other measurements still run
+            rows.append({"system": "latent-inference", "decode_mode": mode, "error": f"{type(e).__name__}: {e}"[:500]})
+            continue
+        if first is None:
+            first = (row["seconds"], tokens)
+        row["speedup_vs_first"] = first[0] / row["seconds"]
+        row["tokens_equal_first"] = float((tokens == first[1]).float().mean())
+        rows.append(row)
+    return rows
 
 
 def training_step_speed(base: Path, device: torch.device, batch: int, prompt: int, answer: int, latent_steps: int,
@@ -159,6 +189,8 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--infer-batch", type=int, default=64)
     p.add_argument("--infer-prompt-tokens", type=int, default=256)
     p.add_argument("--infer-new-tokens", type=int, default=256)
+    p.add_argument("--decode-modes", default="dynamic,compiled", help="inference decode modes, comma-separated "
+                   "(dynamic, static, compiled: see qthink.latent); the first is the reference")
     p.add_argument("--peak-tflops", type=float, default=None, help="card's dense bf16 peak (default: known cards)")
     p.add_argument("--small", action="store_true", help="tiny shape and sizes; runs on CPU (smoke test)")
     p.add_argument("--json", default=None, help="output JSON (default: $OUT/bench_gpu.json when $OUT is set)")
@@ -173,8 +205,13 @@ def gpu_main(args) -> None:
 
     require(args.small or torch.cuda.is_available(), "qthink bench gpu needs a CUDA GPU and torch sees none "
             "(torch.cuda.is_available() is False); run `qthink bench gpu --small` for a CPU smoke test")
+    from qthink.latent import DECODE_MODES
+
     sizes = SMALL if args.small else {k: getattr(args, k) for k in SMALL}
     require(all(v > 0 for v in sizes.values()), f"bench gpu sizes must be > 0 (got {sizes})")
+    modes = [m.strip() for m in args.decode_modes.split(",") if m.strip()]
+    require(modes and set(modes) <= set(DECODE_MODES),
+            f"--decode-modes: {args.decode_modes!r} is not a comma-separated subset of {','.join(DECODE_MODES)}")
     if args.small:
         config = tiny_config(512)
     else:
@@ -187,8 +224,7 @@ def gpu_main(args) -> None:
     peak = args.peak_tflops or peak_tflops(device)
     with tempfile.TemporaryDirectory(prefix="qthink-bench-gpu-") as tmp:
         base = write_random_base(config, Path(tmp), dtype, device)
-        rows = [latent_inference(base, device, dtype, sizes["infer_batch"], sizes["infer_prompt_tokens"],
-                                 sizes["infer_new_tokens"], sizes["latent_steps"])]
+        rows = inference_rows(base, device, dtype, sizes, modes)
         rows.append(training_step_speed(base, device, sizes["batch_size"], sizes["prompt_tokens"],
                                         sizes["answer_tokens"], sizes["latent_steps"], sizes["lora_r"],
                                         sizes["steps"], peak))

@@ -71,6 +71,15 @@ def init_main(args) -> None:
     print(f"wrote seed-format checkpoint to {out}")
 
 
+def add_decode_mode_argument(p: argparse.ArgumentParser) -> None:
+    """`--decode-mode`, shared by generate, eval and bench (the modes are `qthink.latent.DECODE_MODES`)."""
+    from qthink.latent import DECODE_MODES
+
+    p.add_argument("--decode-mode", default="dynamic", choices=DECODE_MODES,
+                   help="dynamic (default) | static (fixed-shape StaticCache) | compiled (static + torch.compile, "
+                        "CUDA graphs on CUDA; the first batch of each shape compiles, ~30 s or more)")
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="seed-format checkpoint directory or Hugging Face repo id")
     p.add_argument("-q", "--question", nargs="+", default=[], help="question(s) to answer")
@@ -78,6 +87,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-steps", type=int, default=None, help="K (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer token budget")
     p.add_argument("--batch-size", type=int, default=16, help="questions decoded together")
+    add_decode_mode_argument(p)
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
@@ -117,7 +127,8 @@ def generate_main(args) -> None:
         raise UserError("no questions given: pass -q QUESTION or --input FILE.jsonl")
     device = torch.device(args.device) if args.device else default_device()
     qt = QThink.from_pretrained(args.ckpt, parse_dtype(args.dtype), device, args.trust_remote_code)
-    for r in qt.generate(questions, args.latent_steps, args.max_new_tokens, args.batch_size):
+    for r in qt.generate(questions, args.latent_steps, args.max_new_tokens, args.batch_size,
+                         decode_mode=args.decode_mode):
         print(json.dumps({"question": r["question"], "answer": r["answer"], "token_ids": r["token_ids"]}), flush=True)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from qthink.cli import add_decode_mode_argument
 from qthink.errors import require
 from qthink.model import HEAD_PT, HEAD_ST, QThink, parse_dtype
 from qthink.tasks import Task, get_task, split_think
@@ -107,7 +108,7 @@ def output_text(tokenizer, token_ids: list[int], finished: bool) -> str:
 
 
 def generate_timed(qt: QThink, questions: list[str], latent_steps: int, max_new_tokens: int, batch_size: int,
-                   enable_thinking: bool, bar=None) -> tuple[list[dict], list[float]]:
+                   enable_thinking: bool, bar=None, decode_mode: str = "dynamic") -> tuple[list[dict], list[float]]:
     """`QThink.generate`, timing each of the batches it forms: (results in question order, each problem's
     share of its batch's seconds)."""
     seconds = [0.0] * len(questions)
@@ -122,7 +123,8 @@ def generate_timed(qt: QThink, questions: list[str], latent_steps: int, max_new_
         if bar is not None:
             bar.update(len(indices))
 
-    results = qt.generate(questions, latent_steps, max_new_tokens, batch_size, enable_thinking, on_batch=batch_done)
+    results = qt.generate(questions, latent_steps, max_new_tokens, batch_size, enable_thinking, on_batch=batch_done,
+                          decode_mode=decode_mode)
     return results, seconds
 
 
@@ -152,7 +154,7 @@ def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test",
              max_new_tokens: int = 256, batch_size: int = 16, limit: int | None = None, out: str | Path | None = None,
              dtype: torch.dtype | None = None, device: str | torch.device | None = None,
              records: list[dict] | None = None, progress: bool = True, trust_remote_code: bool = False,
-             model: QThink | None = None) -> dict:
+             model: QThink | None = None, decode_mode: str = "dynamic") -> dict:
     """Evaluate one target and return its summary; with `out`, write `out/<name>/predictions.jsonl` and
     `summary.json`. `target` is a path (loaded here, or given already loaded as `model`) or, in process, a
     `QThink` (mode default: `qthink` if it has a head)."""
@@ -171,12 +173,13 @@ def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test",
     bar = tqdm(total=len(questions), unit="problem", desc=spec.name, disable=not progress, dynamic_ncols=True)
     began = time.perf_counter()
     with bar:
-        results, seconds = generate_timed(qt, questions, k, max_new_tokens, batch_size, mode == "think", bar)
+        results, seconds = generate_timed(qt, questions, k, max_new_tokens, batch_size, mode == "think", bar,
+                                          decode_mode)
     wall = time.perf_counter() - began
     preds = [prediction(task, r, q, res, s, output_text(qt.tokenizer, res["token_ids"], res["finished"]))
              for r, q, res, s in zip(records, questions, results, seconds, strict=True)]
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": str(qt.model.dtype),
-                "device": str(qt.device)}
+                "device": str(qt.device), "decode_mode": decode_mode}
     summary = summarize(preds, task, split, spec, k, wall, settings)
     if out is not None:
         write_run(Path(out) / spec.name, preds, summary)
@@ -234,6 +237,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-steps", type=int, default=None, help="K in qthink mode (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generated-token budget per problem")
     p.add_argument("--batch-size", type=int, default=16, help="problems decoded together")
+    add_decode_mode_argument(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
     p.add_argument("--out", default="runs/eval", help="output directory; each run writes OUT/<name>/")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's)")
@@ -257,7 +261,7 @@ def cli_main(args) -> None:
         choose_threads(qt, args.threads)
         summary = evaluate(t.path, task, args.split, mode=t.mode, name=t.name, latent_steps=args.latent_steps,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=args.out,
-                           records=records, progress=not args.no_progress, model=qt)
+                           records=records, progress=not args.no_progress, model=qt, decode_mode=args.decode_mode)
         summaries.append(summary)
         print(f"{t.name}: wrote {Path(args.out) / t.name} ({summary['problems_per_s']:.2f} problems/s, "
               f"{summary['unclosed_think']} unclosed think)", flush=True)

@@ -10,14 +10,23 @@ no cache). The hidden state everywhere is the post-final-norm last-layer state (
 The decoder is called without its LM head: vocabulary logits are built only where a token is predicted.
 Without grad, the KV cache is preallocated (`ReservedLayer`) instead of regrown by `torch.cat` per token.
 HF gradient checkpointing must stay off on this path: it silently drops the KV cache in training mode.
+
+Decode modes (inference only): `dynamic` (the default) grows the attended width by one column per step;
+`static` holds a transformers `StaticCache` and the whole preallocated mask, so every one-position step
+(latent or token) has the same shapes; `compiled` runs those steps through `torch.compile` (on CUDA with
+CUDA graphs, `mode="reduce-overhead"`), which is what removes the per-kernel launch cost of small-batch
+decoding. All three give the same tokens (tested); hidden states agree to float rounding, because
+attention then also reduces over masked columns.
 """
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers import StaticCache
 from transformers.cache_utils import DynamicLayer
 
 from qthink.compat import cache_kwargs, new_cache
@@ -133,6 +142,7 @@ class LatentState:
     next_position: Tensor  # [B] RoPE position of the next token of each row
     hidden: Tensor  # [B, H] the state the next token is predicted from
     latents: Tensor  # [B, K, H] hidden state of each latent step (what the per-step L1 is taken on)
+    decode_mode: str = "dynamic"  # one of DECODE_MODES
 
     @property
     def attention_mask(self) -> Tensor:
@@ -142,6 +152,8 @@ class LatentState:
         """Each row repeated n times (rows 0,0,..,1,1,..): G samples share one prompt prefill."""
         if n == 1:
             return self
+        if self.decode_mode != "dynamic":
+            raise ValueError("a static cache cannot be expanded in place; repeat the prompts instead (`generate` does)")
         self.cache.batch_repeat_interleave(n)
         return LatentState(
             self.cache,
@@ -153,17 +165,80 @@ class LatentState:
         )
 
 
+DECODE_MODES = ("dynamic", "static", "compiled")
+# torch.compile specialises the step on its shapes (batch, capacity) and compiles again for each new pair; a
+# benchmark's batches (sorted by length, capacities bucketed by `static_capacity`) need a handful. Dynamo's
+# default limit of 8 per function would silently fall back to eager beyond that, so compiled mode raises it.
+RECOMPILE_LIMIT = 64
+_COMPILED: dict[str, object] = {}
+
+
+def _last_hidden(decoder: nn.Module, embeds: Tensor, mask: Tensor, positions: Tensor, cache_kw: dict) -> Tensor:
+    """One decoder call on one position per row: its post-norm hidden state, [B, H]."""
+    out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **cache_kw)
+    return out.last_hidden_state[:, -1]
+
+
+def compiled_last_hidden(device_type: str):
+    """`_last_hidden` under `torch.compile`, made once per process and device type. Shapes are static
+    (`dynamic=False`): a `static` state's shapes do not change from step to step. On CUDA the step is
+    captured as a CUDA graph (`reduce-overhead`): one launch per step instead of one per kernel."""
+    if device_type not in _COMPILED:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _COMPILED[device_type] = torch.compile(_last_hidden, mode=mode, dynamic=False)
+    return _COMPILED[device_type]
+
+
 def _decode_step(decoder: nn.Module, state: LatentState, embeds: Tensor) -> Tensor:
     """Append one position per row (given as input embeddings) and return its hidden state [B, H]."""
     state.length += 1
-    out = decoder(
-        inputs_embeds=embeds.unsqueeze(1),
-        attention_mask=state.attention_mask,
-        position_ids=state.next_position.unsqueeze(1),
-        **cache_kwargs(decoder, state.cache),
-    )
+    positions = state.next_position.unsqueeze(1)
+    cache_kw = cache_kwargs(decoder, state.cache)
+    if state.decode_mode == "dynamic":
+        hidden = _last_hidden(decoder, embeds.unsqueeze(1), state.attention_mask, positions, cache_kw)
+    elif state.decode_mode == "static":  # the whole mask: causal masking hides the columns not yet written
+        hidden = _last_hidden(decoder, embeds.unsqueeze(1), state.mask, positions, cache_kw)
+    else:
+        torch.compiler.cudagraph_mark_step_begin()
+        forward = compiled_last_hidden(embeds.device.type)
+        # clone: a CUDA graph's output buffer is overwritten by its next replay, and latents are kept
+        hidden = forward(decoder, embeds.unsqueeze(1), state.mask, positions, cache_kw).clone()
     state.next_position = state.next_position + 1
-    return out.last_hidden_state[:, -1]
+    return hidden
+
+
+def static_capacity(needed: int) -> int:
+    """The static cache length for `needed` positions: the smallest of 64, 96, 128, 192, 256, 384, ... that
+    holds them. Two sizes per octave: at most half the columns are spare, and a benchmark whose prompts span
+    30 to 1,000 tokens needs 5 shapes, not 16 as with multiples of 64 (each shape is one compilation)."""
+    size = 64
+    while True:
+        for capacity in (size, size * 3 // 2):
+            if capacity >= needed:
+                return capacity
+        size *= 2
+
+
+_STATIC_CACHES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def static_cache(model: nn.Module, batch: int, capacity: int) -> StaticCache:
+    """A `StaticCache` of `capacity` positions for `batch` rows, the one from this model's previous static call
+    when the shape, device and dtype match (reset in place): its buffers keep their addresses, so a captured
+    CUDA graph is replayed rather than recorded again. One is held per model; so a static `LatentState` is
+    valid until the next static `think` on the same model."""
+    weight = model.get_input_embeddings().weight
+    key = (batch, capacity, weight.device, weight.dtype)
+    held = _STATIC_CACHES.pop(model, None)  # dropped first: the old buffers are freed before new ones exist
+    if held is not None and held[0] == key:
+        held[1].reset()
+        kv_cache = held[1]
+    else:
+        del held
+        kv_cache = StaticCache(config=model.config, max_cache_len=capacity)
+    _STATIC_CACHES[model] = (key, kv_cache)
+    return kv_cache
 
 
 def think(
@@ -173,20 +248,31 @@ def think(
     attention_mask: Tensor,
     latent_steps: int,
     reserve: int = 0,
+    decode_mode: str = "dynamic",
 ) -> LatentState:
     """Prefill left-padded prompts, then run `latent_steps` latent passes.
 
     Latent step k feeds `head(h_{k-1})` back as an input embedding (h_0 = the prompt's last state) and
     records its output state h_k. `reserve` preallocates mask columns (and, without grad, KV-cache
-    positions) for tokens decoded afterwards. Gradients flow through every step when called with grad enabled.
+    positions) for tokens decoded afterwards. Gradients flow through every step when called with grad enabled
+    (`dynamic` mode only: the static modes write the cache in place). The prefill is never compiled.
     """
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {DECODE_MODES} (got {decode_mode!r})")
+    if decode_mode != "dynamic" and torch.is_grad_enabled():
+        raise ValueError(f"decode_mode={decode_mode!r} is for inference; run it under torch.inference_mode()")
     decoder, _, embed = model_parts(model)
     batch, prompt_len = input_ids.shape
-    mask = attention_mask.new_ones(batch, prompt_len + latent_steps + reserve)
+    capacity = prompt_len + latent_steps + reserve
+    if decode_mode == "dynamic":
+        kv_cache = new_cache(model.config)
+        if not torch.is_grad_enabled():
+            reserve_cache(kv_cache, latent_steps + reserve)
+    else:
+        capacity = static_capacity(capacity)
+        kv_cache = static_cache(model, batch, capacity)
+    mask = attention_mask.new_ones(batch, capacity)
     mask[:, :prompt_len] = attention_mask
-    kv_cache = new_cache(model.config)
-    if not torch.is_grad_enabled():
-        reserve_cache(kv_cache, latent_steps + reserve)
     out = decoder(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -194,7 +280,8 @@ def think(
         **cache_kwargs(decoder, kv_cache),
     )
     hidden = out.last_hidden_state[:, -1]
-    state = LatentState(kv_cache, mask, prompt_len, attention_mask.long().sum(-1), hidden, hidden[:, None, :0])
+    state = LatentState(kv_cache, mask, prompt_len, attention_mask.long().sum(-1), hidden, hidden[:, None, :0],
+                        decode_mode)
     latents = []
     for _ in range(latent_steps):
         hidden = _decode_step(decoder, state, head(hidden).to(embed.weight.dtype))
@@ -352,6 +439,8 @@ def decode(
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         if state.length >= state.mask.shape[1]:  # capacity exhausted (caller reserved too little)
+            if state.decode_mode != "dynamic":
+                raise ValueError("static cache full: pass reserve >= max_new_tokens to think()")
             state.mask = torch.cat([state.mask, state.mask.new_ones(batch, max_new_tokens)], 1)
         hidden = _decode_step(decoder, state, embed(token))
     width = int(lengths.max()) if batch else 0
@@ -370,13 +459,19 @@ def generate(
     pad_token_id: int,
     sampler: Sampler | None = None,
     num_samples: int = 1,
+    decode_mode: str = "dynamic",
 ) -> Generation:
     """Prompt -> K latent steps -> answer, for a batch of left-padded prompts.
 
     K = 0 is plain decoding (the base model with or without its chain of thought, depending on the
     prompt). With `num_samples` > 1 the prompt is prefilled once and its cache expanded, rows ordered
     (prompt 0 sample 0, prompt 0 sample 1, ...); `sampler.seeds` then has one seed per output row.
+    `decode_mode`: see the module docstring; the static modes prefill each of the `num_samples` copies.
     """
-    state = think(model, head, input_ids, attention_mask, latent_steps, reserve=max_new_tokens)
+    if decode_mode != "dynamic" and num_samples > 1:
+        input_ids = input_ids.repeat_interleave(num_samples, 0)
+        attention_mask = attention_mask.repeat_interleave(num_samples, 0)
+        num_samples = 1
+    state = think(model, head, input_ids, attention_mask, latent_steps, max_new_tokens, decode_mode)
     state = state.repeat_interleave(num_samples)
     return decode(model, state, max_new_tokens, eos_token_id, pad_token_id, sampler)

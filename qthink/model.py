@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from qthink.errors import UserError, require
-from qthink.latent import ProjectionHead, Sampler, generate, row_seed
+from qthink.latent import DECODE_MODES, ProjectionHead, Sampler, generate, row_seed
 
 HEAD_PT, HEAD_ST, META = "projection_head.pt", "projection_head.safetensors", "qthink.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -217,15 +217,17 @@ class QThink(nn.Module):
     def generate(self, questions: list[str], latent_steps: int | None = None, max_new_tokens: int = 256,
                  batch_size: int = 16, enable_thinking: bool = False, sampler_seed: int | None = None,
                  temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20,
-                 on_batch: Callable[[list[int]], None] | None = None) -> list[dict]:
+                 on_batch: Callable[[list[int]], None] | None = None, decode_mode: str = "dynamic") -> list[dict]:
         """Answers for `questions`: dicts with `question`, `answer`, `token_ids`, `finished`.
 
         Batches are formed from questions of similar length (less padding); results do not depend on
         batching. Greedy unless `sampler_seed` is given. `on_batch(indices)` is called after each batch with
-        the positions in `questions` it answered (progress bars, per-batch timing).
+        the positions in `questions` it answered (progress bars, per-batch timing). `decode_mode`: `dynamic`,
+        `static` or `compiled` (static cache + torch.compile; CUDA graphs on CUDA), see `qthink.latent`.
         """
         require(len(questions) > 0, "no questions given: pass -q QUESTION or --input FILE.jsonl")
         require(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
+        require(decode_mode in DECODE_MODES, f"--decode-mode must be one of {', '.join(DECODE_MODES)} (got {decode_mode!r})")
         k = self.latent_steps if latent_steps is None else latent_steps
         prompts = encode_prompts(self.tokenizer, questions, enable_thinking)
         self.check_request([len(p) for p in prompts], k, max_new_tokens)
@@ -239,7 +241,8 @@ class QThink(nn.Module):
             if sampler_seed is not None:
                 seeds = torch.tensor([row_seed(sampler_seed, i) for i in idx], device=self.device)
                 sampler = Sampler(seeds, temperature, top_p, top_k)
-            gen = generate(self.model, self.head, batch.input_ids, batch.attention_mask, k, max_new_tokens, eos, pad, sampler)
+            gen = generate(self.model, self.head, batch.input_ids, batch.attention_mask, k, max_new_tokens, eos, pad,
+                           sampler, decode_mode=decode_mode)
             # one device-to-host copy per batch, not two per row (each would be a GPU sync)
             tokens, lengths, finished = gen.tokens.tolist(), gen.lengths.tolist(), gen.finished.tolist()
             for row, i in enumerate(idx):

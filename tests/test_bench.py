@@ -28,11 +28,12 @@ def qt(tmp_path_factory):
 def test_bench_inference_rows(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "inference", "--problems", "6", "--max-new-tokens", "8", "--batch-sizes", "1,4",
-                 "--repeats", "1", "--json", str(out)])
+                 "--repeats", "1", "--decode-modes", "dynamic,static", "--json", str(out)])
     assert code == 0
     rows = json.loads(out.read_text())
-    assert [(r["system"], r["batch_size"]) for r in rows] == [("seed", 1), ("nocache", 1), ("qthink", 1),
-                                                              ("qthink", 4), ("think", 4)]
+    assert [(r["system"], r["batch_size"], r.get("decode_mode")) for r in rows] == [
+        ("seed", 1, None), ("nocache", 1, None), ("qthink", 1, "dynamic"), ("qthink", 4, "dynamic"),
+        ("qthink", 1, "static"), ("qthink", 4, "static"), ("think", 4, "dynamic")]
     for r in rows:
         assert ROW_FIELDS <= set(r) and r["problems_per_s"] > 0 and r["tokens_per_s"] > 0
     assert all(r["identical_to_seed"] for r in rows if r["system"] == "qthink")
@@ -107,7 +108,9 @@ def test_bench_gpu_without_cuda_is_one_line_error(capsys):
 
 def test_bench_gpu_small_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
-    assert main(["bench", "gpu", "--small"]) == 0
+    assert main(["bench", "gpu", "--small", "--decode-modes", "dynamic,static"]) == 0
     rows = json.loads((tmp_path / "bench_gpu.json").read_text())
-    assert [r["system"] for r in rows] == ["latent-inference", "train-step"]
-    assert all(r["tokens_per_s"] > 0 for r in rows) and rows[1]["tflops_per_s"] > 0
+    assert [(r["system"], r.get("decode_mode")) for r in rows] == [
+        ("latent-inference", "dynamic"), ("latent-inference", "static"), ("train-step", None)]
+    assert all(r["tokens_per_s"] > 0 for r in rows) and rows[2]["tflops_per_s"] > 0
+    assert rows[1]["tokens_equal_first"] == 1.0  # float32 on CPU: the static cache decodes the same tokens

@@ -18,7 +18,8 @@ from transformers.cache_utils import DynamicLayer
 
 from qthink.bench import spread_weights
 from qthink.cli import main
-from qthink.latent import ReservedLayer, Sampler, decode, generate, think
+from qthink.errors import UserError
+from qthink.latent import ReservedLayer, Sampler, decode, generate, static_capacity, think
 from qthink.model import HEAD_PT, HEAD_ST, QThink, encode_prompts, init_checkpoint, left_pad
 from qthink.seed_recipe import seed_generate
 
@@ -117,6 +118,51 @@ def test_preallocated_cache_equals_dynamic_cache(qt):
     repeated = generate(qt.model, qt.head, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), 6, MAX_NEW,
                         eos, pad, Sampler(seeds))
     assert torch.equal(shared.tokens, repeated.tokens)
+
+
+@pytest.mark.parametrize("mode", ["static", "compiled"])
+def test_static_and_compiled_decoding_give_the_dynamic_tokens(qt, mode):
+    """The fixed-shape modes (StaticCache + the whole mask, and that under torch.compile: inductor on CPU) decode
+    the same tokens as the default path, greedy and sampled, on batches with up to ~100 columns of left padding;
+    the hidden states agree to float rounding (attention also reduces over the masked columns)."""
+    spread(qt, 6)
+    questions = random_questions(6, 8)
+    dynamic = qt.generate(questions, 6, MAX_NEW, batch_size=4)
+    fixed = qt.generate(questions, 6, MAX_NEW, batch_size=4, decode_mode=mode)
+    assert [r["token_ids"] for r in fixed] == [r["token_ids"] for r in dynamic]
+    batch = left_pad(encode_prompts(qt.tokenizer, questions[:4]), qt.tokenizer.pad_token_id)
+    args = (batch.input_ids, batch.attention_mask, 6, MAX_NEW, qt.tokenizer.eos_token_id, qt.tokenizer.pad_token_id)
+    want = generate(qt.model, qt.head, *args, Sampler(torch.arange(8), temperature=1.0), num_samples=2)
+    got = generate(qt.model, qt.head, *args, Sampler(torch.arange(8), temperature=1.0), num_samples=2, decode_mode=mode)
+    assert torch.equal(got.tokens, want.tokens)
+    assert torch.allclose(got.latents, want.latents, atol=1e-3, rtol=1e-3)
+
+
+def test_static_cache_is_bucketed_and_reused(qt):
+    """Capacities round up to a bucket (few compiled shapes); a second call of the same shape gets the same
+    buffers back, reset (a CUDA graph replays on the same addresses); a new shape gets new ones."""
+    assert [static_capacity(n) for n in (1, 64, 65, 97, 129, 200, 1000)] == [64, 64, 96, 128, 192, 256, 1024]
+    batch = left_pad(encode_prompts(qt.tokenizer, random_questions(7, 3)), qt.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        first = think(qt.model, qt.head, batch.input_ids, batch.attention_mask, 6, MAX_NEW, "static")
+        keys = first.cache.layers[0].keys
+        assert first.mask.shape[1] == static_capacity(batch.input_ids.shape[1] + 6 + MAX_NEW)
+        again = think(qt.model, qt.head, batch.input_ids, batch.attention_mask, 6, MAX_NEW, "static")
+        assert again.cache.layers[0].keys.data_ptr() == keys.data_ptr()
+        assert torch.equal(again.latents, first.latents)
+        other = think(qt.model, qt.head, batch.input_ids[:2], batch.attention_mask[:2], 6, MAX_NEW, "static")
+        assert other.cache.layers[0].keys.shape[0] == 2
+
+
+def test_decode_mode_bad_input(qt, ckpt):
+    with pytest.raises(UserError, match="--decode-mode must be one of dynamic, static, compiled"):
+        qt.generate(["x"], decode_mode="fast")
+    ids, mask = torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)
+    with torch.enable_grad(), pytest.raises(ValueError, match="inference"):
+        think(qt.model, qt.head, ids, mask, 2, decode_mode="static")
+    proc = subprocess.run([sys.executable, "-m", "qthink", "generate", str(ckpt), "-q", "x", "--decode-mode", "fast"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice: 'fast'" in proc.stderr
 
 
 class RecordingHead(nn.Module):
