@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `qthink bench gpu` on a CUDA machine without network access: a Qwen3-1.7B-shaped model with random
 # weights (configs/qwen3-1.7b/model.json), bf16: training-step tokens/s + MFU at prompt 1024 / K=6 /
-# answer 256 (LoRA r=32 + head), and latent-inference throughput at batch 64.
+# answer 256 (LoRA r=32 + head), and latent-inference throughput at batch 64 in the `dynamic` and
+# `compiled` (static cache + torch.compile + CUDA graphs) decode modes, with their token agreement.
 # Usage: scripts/gpu_bench.sh [more `qthink bench gpu` flags, e.g. --batch-size 16]
 # Writes $OUT/bench_gpu.json (./bench_gpu.json without $OUT); stops after 8 minutes whatever happens.
 set -euo pipefail

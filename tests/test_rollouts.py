@@ -76,6 +76,25 @@ def test_limit_then_extend_and_batch_independence(tiny_base, reference, tmp_path
     assert ids == [[r["token_ids"] for r in json.loads(line)["rollouts"]] for line in (reference / ROLLOUTS).open()]
 
 
+def test_static_decode_mode_samples_the_same_rollouts(tiny_base, reference, tmp_path):
+    """`--decode-mode static` (the fixed-shape path that `compiled` runs) draws the same samples; the mode is
+    fixed for a directory, and a manifest from before the setting existed counts as `dynamic`."""
+    out = tmp_path / "s"
+    rollouts(tiny_base, out, decode_mode="static")
+    assert json.loads((out / "manifest.json").read_text())["decode_mode"] == "static"
+    ids = [[r["token_ids"] for r in json.loads(line)["rollouts"]] for line in (out / ROLLOUTS).open()]
+    assert ids == [[r["token_ids"] for r in json.loads(line)["rollouts"]] for line in (reference / ROLLOUTS).open()]
+    with pytest.raises(UserError, match="decode_mode is 'dynamic' but the existing rollouts used 'static'"):
+        rollouts(tiny_base, out)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    manifest = json.loads((reference / "manifest.json").read_text())
+    del manifest["decode_mode"]
+    (legacy / "manifest.json").write_text(json.dumps(manifest))
+    (legacy / ROLLOUTS).write_text((reference / ROLLOUTS).read_text())
+    assert rollouts(tiny_base, legacy)["problems"] == 0
+
+
 def test_rerun_with_other_settings_names_the_setting(tiny_base, reference, tmp_path):
     out = tmp_path / "r"
     out.mkdir()

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from qthink.cli import add_decode_mode_argument
 from qthink.errors import UserError, require
-from qthink.latent import Sampler, generate, row_seed
+from qthink.latent import DECODE_MODES, Sampler, generate, row_seed
 from qthink.model import encode_prompts, left_pad, load_base, parse_dtype
 from qthink.teachers import distributed
 from qthink.teachers.store import atomic_write_text
@@ -116,6 +117,10 @@ def read_rollouts(directory: str | Path) -> tuple[dict, list[tuple[int, int, int
     return manifest, entries
 
 
+# Settings added after the first manifests were written, and what those manifests' runs used.
+UNRECORDED = {"decode_mode": "dynamic"}
+
+
 def check_manifest(directory: Path, settings: dict) -> None:
     """Write the settings as the manifest, or check them against the manifest already there."""
     path = directory / MANIFEST
@@ -129,7 +134,7 @@ def check_manifest(directory: Path, settings: dict) -> None:
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON (line {e.lineno}); fix it or choose another --out") from e
     for key, want in settings.items():
-        require(have.get(key) == want, f"{path}: this run's {key} is {want!r} but the existing rollouts used "
+        require(have.get(key, UNRECORDED.get(key)) == want, f"{path}: this run's {key} is {want!r} but the existing rollouts used "
                 f"{have.get(key)!r}; rerun with the same {key} or choose another --out")
 
 
@@ -204,12 +209,14 @@ def write_reference_rollouts(base: str, out: str | Path, task_name: str = "synth
 
 
 def sample_group(model, tokenizer, prompts: list[list[int]], indices: list[int], G: int, seed: int,
-                 max_new_tokens: int, temperature: float, top_p: float, top_k: int, device) -> list[list[dict]]:
+                 max_new_tokens: int, temperature: float, top_p: float, top_k: int, device,
+                 decode_mode: str = "dynamic") -> list[list[dict]]:
     """G sampled completions for each prompt: per prompt, a list of {token_ids, text, finished}."""
     batch = left_pad(prompts, tokenizer.pad_token_id, device)
     seeds = torch.tensor([row_seed(seed, i, j) for i in indices for j in range(G)], device=device)
     gen = generate(model, torch.nn.Identity(), batch.input_ids, batch.attention_mask, 0, max_new_tokens,
-                   tokenizer.eos_token_id, tokenizer.pad_token_id, Sampler(seeds, temperature, top_p, top_k), G)
+                   tokenizer.eos_token_id, tokenizer.pad_token_id, Sampler(seeds, temperature, top_p, top_k), G,
+                   decode_mode)
     tokens, lengths, finished = gen.tokens.cpu(), gen.lengths.cpu().tolist(), gen.finished.cpu().tolist()
     out = []
     for p in range(len(prompts)):
@@ -228,7 +235,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
                  G: int = 16, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20,
                  max_new_tokens: int = 4096, batch_size: int = 8, seed: int = 0, limit: int | None = None,
                  dtype: str = "auto", device: str | None = None,
-                 on_problem: Callable[[int], None] | None = None) -> dict:
+                 on_problem: Callable[[int], None] | None = None, decode_mode: str = "dynamic") -> dict:
     """Sample, grade and append rollouts for the (first `limit`) problems of `task`/`split` not yet in
     `out`; returns a summary. `on_problem(index)` is called after each problem is on disk."""
     from qthink.tasks import get_task
@@ -238,6 +245,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
     require(max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
     require(temperature > 0, f"--temperature must be > 0 (got {temperature}); rollouts are sampled")
     require(limit is None or limit >= 1, f"--limit must be >= 1 (got {limit})")
+    require(decode_mode in DECODE_MODES, f"--decode-mode must be one of {', '.join(DECODE_MODES)} (got {decode_mode!r})")
     ranks, dev = distributed.setup(device)
     out = Path(out)
     task_obj = get_task(task)
@@ -246,7 +254,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
     settings = {"format": FORMAT, "base_model": str(base), "task": task, "split": split, "data_path": data_path,
                 "G": G, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": dtype,
-                "enable_thinking": True}
+                "enable_thinking": True, "decode_mode": decode_mode}
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         check_manifest(out, settings)
@@ -278,7 +286,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
                 require(len(p) + max_new_tokens <= context, f"problem {i} ({task_obj.problem_id(records[i])}): "
                         f"{len(p)} prompt tokens + --max-new-tokens {max_new_tokens} exceed the context of {context}")
             samples = sample_group(model, tokenizer, prompts, group, G, seed, max_new_tokens, temperature, top_p,
-                                   top_k, dev)
+                                   top_k, dev, decode_mode)
             for i, rollouts in zip(group, samples, strict=True):
                 if i in done:
                     continue
@@ -320,6 +328,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N problems (a rerun can extend)")
     p.add_argument("--dtype", default="auto", help="model dtype: float32 | bfloat16 | float16 | auto")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    add_decode_mode_argument(p)
 
 
 def cli_main(args) -> int:
@@ -327,7 +336,7 @@ def cli_main(args) -> int:
     try:
         s = run_rollouts(args.base, args.task, args.out, args.split, args.data_path, args.G, args.temperature,
                          args.top_p, args.top_k, args.max_new_tokens, args.batch_size, args.seed, args.limit,
-                         args.dtype, args.device)
+                         args.dtype, args.device, decode_mode=args.decode_mode)
     finally:
         distributed.teardown()
     if distributed.env_ranks().is_main:
