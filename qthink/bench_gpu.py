@@ -111,6 +111,7 @@ def inference_rows(base: Path, device: torch.device, dtype: torch.dtype, sizes: 
     """One `latent_inference` row per decode mode; a mode that fails (a compiler error on this card) gives a
     row with its `error` instead of ending the bench, and `speedup_vs_first`/`tokens_equal_first` compare each
     row with the first mode's."""
+    from qthink.latent import release_static_cache
     from qthink.model import load_base
 
     model, _ = load_base(str(base), dtype)
@@ -128,6 +129,13 @@ def inference_rows(base: Path, device: torch.device, dtype: torch.dtype, sizes: 
         row["speedup_vs_first"] = first[0] / row["seconds"]
         row["tokens_equal_first"] = float((tokens == first[1]).float().mean())
         rows.append(row)
+    # give the training measurement its memory back: the static KV cache, and the compiled graphs with
+    # their CUDA-graph pools, which hold the weights as static inputs
+    release_static_cache(model)
+    del model, first
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 

@@ -241,6 +241,11 @@ def static_cache(model: nn.Module, batch: int, capacity: int) -> StaticCache:
     return kv_cache
 
 
+def release_static_cache(model: nn.Module) -> None:
+    """Drop the static cache held for `model` (its buffers: batch x capacity x layers x KV heads of memory)."""
+    _STATIC_CACHES.pop(model, None)
+
+
 def think(
     model: nn.Module,
     head: nn.Module,
