@@ -290,15 +290,22 @@ def parse_ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def inference_main(args, qt: QThink) -> list[dict]:
+def parse_decode_modes(text: str) -> tuple[str, ...]:
+    """`--decode-modes`: a comma-separated subset of `qthink.latent.DECODE_MODES`, in the order given."""
     from qthink.latent import DECODE_MODES
+
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    require(modes and set(modes) <= set(DECODE_MODES),
+            f"--decode-modes: {text!r} is not a comma-separated subset of {','.join(DECODE_MODES)}")
+    return modes
+
+
+def inference_main(args, qt: QThink) -> list[dict]:
     from qthink.tasks import get_task
 
     systems = tuple(s.strip() for s in args.systems.split(","))
     require(set(systems) <= set(SYSTEMS), f"--systems: unknown {sorted(set(systems) - set(SYSTEMS))}; use {SYSTEMS}")
-    modes = tuple(m.strip() for m in args.decode_modes.split(",") if m.strip())
-    require(modes and set(modes) <= set(DECODE_MODES),
-            f"--decode-modes: {args.decode_modes!r} is not a comma-separated subset of {','.join(DECODE_MODES)}")
+    modes = parse_decode_modes(args.decode_modes)
     require(args.problems > 0, f"--problems must be > 0 (got {args.problems})")
     require(args.repeats > 0, f"--repeats must be > 0 (got {args.repeats})")
     qt.check_request([1], args.latent_steps, args.max_new_tokens)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qthink.bench import markdown_table, timed, write_json
+from qthink.bench import markdown_table, parse_decode_modes, timed, write_json
 from qthink.errors import require
 from qthink.latent import ProjectionHead
 
@@ -107,7 +107,8 @@ def latent_inference(model, device: torch.device, batch: int, prompt: int, new_t
     return row, tokens
 
 
-def inference_rows(base: Path, device: torch.device, dtype: torch.dtype, sizes: dict, modes: list[str]) -> list[dict]:
+def inference_rows(base: Path, device: torch.device, dtype: torch.dtype, sizes: dict,
+                   modes: tuple[str, ...]) -> list[dict]:
     """One `latent_inference` row per decode mode; a mode that fails (a compiler error on this card) gives a
     row with its `error` instead of ending the bench, and `speedup_vs_first`/`tokens_equal_first` compare each
     row with the first mode's."""
@@ -213,13 +214,9 @@ def gpu_main(args) -> None:
 
     require(args.small or torch.cuda.is_available(), "qthink bench gpu needs a CUDA GPU and torch sees none "
             "(torch.cuda.is_available() is False); run `qthink bench gpu --small` for a CPU smoke test")
-    from qthink.latent import DECODE_MODES
-
     sizes = SMALL if args.small else {k: getattr(args, k) for k in SMALL}
     require(all(v > 0 for v in sizes.values()), f"bench gpu sizes must be > 0 (got {sizes})")
-    modes = [m.strip() for m in args.decode_modes.split(",") if m.strip()]
-    require(modes and set(modes) <= set(DECODE_MODES),
-            f"--decode-modes: {args.decode_modes!r} is not a comma-separated subset of {','.join(DECODE_MODES)}")
+    modes = parse_decode_modes(args.decode_modes)
     if args.small:
         config = tiny_config(512)
     else:

@@ -193,17 +193,15 @@ def compiled_last_hidden(device_type: str):
 def _decode_step(decoder: nn.Module, state: LatentState, embeds: Tensor) -> Tensor:
     """Append one position per row (given as input embeddings) and return its hidden state [B, H]."""
     state.length += 1
-    positions = state.next_position.unsqueeze(1)
-    cache_kw = cache_kwargs(decoder, state.cache)
-    if state.decode_mode == "dynamic":
-        hidden = _last_hidden(decoder, embeds.unsqueeze(1), state.attention_mask, positions, cache_kw)
-    elif state.decode_mode == "static":  # the whole mask: causal masking hides the columns not yet written
-        hidden = _last_hidden(decoder, embeds.unsqueeze(1), state.mask, positions, cache_kw)
-    else:
+    # static modes pass the whole mask (fixed shape): causal masking hides the columns not yet written
+    mask = state.attention_mask if state.decode_mode == "dynamic" else state.mask
+    args = (decoder, embeds.unsqueeze(1), mask, state.next_position.unsqueeze(1), cache_kwargs(decoder, state.cache))
+    if state.decode_mode == "compiled":
         torch.compiler.cudagraph_mark_step_begin()
-        forward = compiled_last_hidden(embeds.device.type)
         # clone: a CUDA graph's output buffer is overwritten by its next replay, and latents are kept
-        hidden = forward(decoder, embeds.unsqueeze(1), state.mask, positions, cache_kw).clone()
+        hidden = compiled_last_hidden(embeds.device.type)(*args).clone()
+    else:
+        hidden = _last_hidden(*args)
     state.next_position = state.next_position + 1
     return hidden
 

@@ -227,7 +227,7 @@ class QThink(nn.Module):
         """
         require(len(questions) > 0, "no questions given: pass -q QUESTION or --input FILE.jsonl")
         require(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
-        require(decode_mode in DECODE_MODES, f"--decode-mode must be one of {', '.join(DECODE_MODES)} (got {decode_mode!r})")
+        check_decode_mode(decode_mode)
         k = self.latent_steps if latent_steps is None else latent_steps
         prompts = encode_prompts(self.tokenizer, questions, enable_thinking)
         self.check_request([len(p) for p in prompts], k, max_new_tokens)
@@ -252,6 +252,11 @@ class QThink(nn.Module):
             if on_batch is not None:
                 on_batch(idx)
         return results  # type: ignore[return-value]
+
+
+def check_decode_mode(decode_mode: str) -> None:
+    """A one-line user error unless `decode_mode` is one of `qthink.latent.DECODE_MODES`."""
+    require(decode_mode in DECODE_MODES, f"--decode-mode must be one of {', '.join(DECODE_MODES)} (got {decode_mode!r})")
 
 
 def init_checkpoint(base: str, out: str | Path, seed: int = 0, latent_steps: int = 6,

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from qthink.cli import add_decode_mode_argument
 from qthink.errors import UserError, require
-from qthink.latent import DECODE_MODES, Sampler, generate, row_seed
-from qthink.model import encode_prompts, left_pad, load_base, parse_dtype
+from qthink.latent import Sampler, generate, row_seed
+from qthink.model import check_decode_mode, encode_prompts, left_pad, load_base, parse_dtype
 from qthink.teachers import distributed
 from qthink.teachers.store import atomic_write_text
 
@@ -245,7 +245,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
     require(max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
     require(temperature > 0, f"--temperature must be > 0 (got {temperature}); rollouts are sampled")
     require(limit is None or limit >= 1, f"--limit must be >= 1 (got {limit})")
-    require(decode_mode in DECODE_MODES, f"--decode-mode must be one of {', '.join(DECODE_MODES)} (got {decode_mode!r})")
+    check_decode_mode(decode_mode)
     ranks, dev = distributed.setup(device)
     out = Path(out)
     task_obj = get_task(task)
