@@ -112,7 +112,7 @@ def inference_rows(base: Path, device: torch.device, dtype: torch.dtype, sizes: 
     """One `latent_inference` row per decode mode; a mode that fails (a compiler error on this card) gives a
     row with its `error` instead of ending the bench, and `speedup_vs_first`/`tokens_equal_first` compare each
     row with the first mode's."""
-    from qthink.latent import release_static_cache
+    from qthink.kv_cache import release_static_cache
     from qthink.model import load_base
 
     model, _ = load_base(str(base), dtype)

@@ -8,7 +8,7 @@ answer. Every decoder call gets the running attention mask and explicit `positio
 a row's result does not depend on the padding its batch needs (CODI attends to left padding; Coconut has
 no cache). The hidden state everywhere is the post-final-norm last-layer state (`last_hidden_state`).
 The decoder is called without its LM head: vocabulary logits are built only where a token is predicted.
-Without grad, the KV cache is preallocated (`ReservedLayer`) instead of regrown by `torch.cat` per token.
+Without grad, the KV cache is preallocated (`kv_cache.ReservedLayer`) instead of regrown by `torch.cat` per token.
 HF gradient checkpointing must stay off on this path: it silently drops the KV cache in training mode.
 
 Decode modes (inference only): `dynamic` (the default) grows the attended width by one column per step;
@@ -19,17 +19,16 @@ decoding. All three give the same tokens (tested); hidden states agree to float 
 attention then also reduces over masked columns.
 """
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from transformers import StaticCache
-from transformers.cache_utils import DynamicLayer
 
 from qthink.compat import cache_kwargs, new_cache
+from qthink.kv_cache import reserve_cache, static_cache, static_capacity
+from qthink.sampling import Sampler
 
 
 class ProjectionHead(nn.Module):
@@ -58,78 +57,6 @@ def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
     """Position ids that count only attended tokens, so left padding does not shift RoPE positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-class ReservedLayer(DynamicLayer):
-    """A `DynamicLayer` whose keys and values live in a buffer with `room` spare positions.
-
-    Each update writes the new positions in place and returns views of exactly the shape and values a
-    `DynamicLayer` returns, so attention computes the same numbers; what goes away is the `torch.cat`
-    that copies the whole cache at every token (O(length) bytes per step per layer: at batch 64 and a
-    thousand positions that is more memory traffic than reading the weights). Only without grad: in-place
-    writes would overwrite keys/values that autograd saved for backward.
-    """
-
-    def __init__(self, room: int):
-        super().__init__()
-        self.room, self.length = room, 0
-        self.key_buffer: Tensor | None = None
-        self.value_buffer: Tensor | None = None
-
-    def _expose(self) -> None:
-        self.keys = self.key_buffer[:, :, : self.length]
-        self.values = self.value_buffer[:, :, : self.length]
-
-    def _reallocate(self, capacity: int, like_keys: Tensor, like_values: Tensor) -> None:
-        keys = like_keys.new_empty(*like_keys.shape[:2], capacity, like_keys.shape[3])
-        values = like_values.new_empty(*like_values.shape[:2], capacity, like_values.shape[3])
-        if self.length:
-            keys[:, :, : self.length] = self.keys
-            values[:, :, : self.length] = self.values
-        self.key_buffer, self.value_buffer = keys, values
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        new = key_states.shape[-2]
-        if self.key_buffer is None or self.length + new > self.key_buffer.shape[-2]:
-            self._reallocate(self.length + new + self.room, key_states, value_states)
-        self.key_buffer[:, :, self.length : self.length + new] = key_states
-        self.value_buffer[:, :, self.length : self.length + new] = value_states
-        self.length += new
-        self._expose()
-        return self.keys, self.values
-
-    def reset(self) -> None:
-        super().reset()
-        self.key_buffer = self.value_buffer = None
-        self.length = 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        if self.is_initialized and tokens_to_remove < 0:
-            self.length = max(0, self.length + tokens_to_remove)
-            self._expose()
-
-    def _select(self, pick) -> None:
-        if self.key_buffer is not None:
-            self.key_buffer, self.value_buffer = pick(self.key_buffer), pick(self.value_buffer)
-            self._expose()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._select(lambda t: t[indices, ...])
-
-    def reorder_cache(self, beam_idx: Tensor) -> None:
-        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-
-def reserve_cache(kv_cache, room: int):
-    """Give each plain dynamic layer of `kv_cache` a preallocated buffer with `room` spare positions."""
-    kv_cache.layers = [ReservedLayer(room) if type(layer) is DynamicLayer else layer for layer in kv_cache.layers]
-    return kv_cache
 
 
 @dataclass
@@ -204,44 +131,6 @@ def _decode_step(decoder: nn.Module, state: LatentState, embeds: Tensor) -> Tens
         hidden = _last_hidden(*args)
     state.next_position = state.next_position + 1
     return hidden
-
-
-def static_capacity(needed: int) -> int:
-    """The static cache length for `needed` positions: the smallest of 64, 96, 128, 192, 256, 384, ... that
-    holds them. Two sizes per octave: at most half the columns are spare, and a benchmark whose prompts span
-    30 to 1,000 tokens needs 5 shapes, not 16 as with multiples of 64 (each shape is one compilation)."""
-    size = 64
-    while True:
-        for capacity in (size, size * 3 // 2):
-            if capacity >= needed:
-                return capacity
-        size *= 2
-
-
-_STATIC_CACHES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def static_cache(model: nn.Module, batch: int, capacity: int) -> StaticCache:
-    """A `StaticCache` of `capacity` positions for `batch` rows, the one from this model's previous static call
-    when the shape, device and dtype match (reset in place): its buffers keep their addresses, so a captured
-    CUDA graph is replayed rather than recorded again. One is held per model; so a static `LatentState` is
-    valid until the next static `think` on the same model."""
-    weight = model.get_input_embeddings().weight
-    key = (batch, capacity, weight.device, weight.dtype)
-    held = _STATIC_CACHES.pop(model, None)  # dropped first: the old buffers are freed before new ones exist
-    if held is not None and held[0] == key:
-        held[1].reset()
-        kv_cache = held[1]
-    else:
-        del held
-        kv_cache = StaticCache(config=model.config, max_cache_len=capacity)
-    _STATIC_CACHES[model] = (key, kv_cache)
-    return kv_cache
-
-
-def release_static_cache(model: nn.Module) -> None:
-    """Drop the static cache held for `model` (its buffers: batch x capacity x layers x KV heads of memory)."""
-    _STATIC_CACHES.pop(model, None)
 
 
 def think(
@@ -341,70 +230,6 @@ def answer_token_losses(hidden: Tensor, lm_head: nn.Module, targets: Tensor, chu
     if pieces:
         losses = losses.masked_scatter(keep, torch.cat(pieces))
     return losses.view(targets.shape)
-
-
-# ---- sampling: counter-based noise, so a row's sample depends on its seed and step, not its batch ----
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed(x: int) -> int:
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
-
-
-def _shr(x: Tensor, n: int) -> Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> n) & ((1 << (64 - n)) - 1)
-
-
-def _splitmix(x: Tensor) -> Tensor:
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    return x ^ _shr(x, 31)
-
-
-def counter_uniform(seeds: Tensor, step: int, size: int) -> Tensor:
-    """[B, size] uniforms in (0, 1) from a splitmix64 hash of (row seed, step, column)."""
-    cols = torch.arange(size, device=seeds.device, dtype=torch.int64)
-    x = _splitmix(seeds.long()[:, None] * _GOLDEN + _splitmix(torch.tensor(step, device=seeds.device)))
-    x = _splitmix(x + cols[None] * _GOLDEN)
-    return (_shr(x, 11).double() + 0.5) / float(1 << 53)
-
-
-def row_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (e.g. run seed, problem index, sample index), stable across runs."""
-    x = 0
-    for p in parts:
-        x = (x * 0x100000001B3 + (p & _MASK64) + 0x9E3779B97F4A7C15) & _MASK64
-        x ^= x >> 29
-    return x & ((1 << 63) - 1)
-
-
-@dataclass
-class Sampler:
-    """Temperature / top-k / top-p sampling by the Gumbel-max trick on per-row counter noise."""
-
-    seeds: Tensor  # [B] int64, one per output row
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
-
-    def __call__(self, logits: Tensor, step: int) -> Tensor:
-        logits = logits.float() / max(self.temperature, 1e-6)
-        if 0 < self.top_k < logits.shape[-1]:
-            kth = logits.topk(self.top_k, -1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1.0:
-            sorted_logits, order = logits.sort(-1, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop_sorted = cumulative - sorted_logits.softmax(-1) > self.top_p  # keeps at least the top token
-            drop = drop_sorted.scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        gumbel = -torch.log(-torch.log(counter_uniform(self.seeds, step, logits.shape[-1])))
-        return (logits.double() + gumbel).argmax(-1)
 
 
 @dataclass

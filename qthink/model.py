@@ -20,7 +20,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from qthink.errors import UserError, require
-from qthink.latent import DECODE_MODES, ProjectionHead, Sampler, generate, row_seed
+from qthink.latent import DECODE_MODES, ProjectionHead, generate
+from qthink.sampling import Sampler, row_seed
 
 HEAD_PT, HEAD_ST, META = "projection_head.pt", "projection_head.safetensors", "qthink.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -19,8 +19,10 @@ from transformers.cache_utils import DynamicLayer
 from qthink.bench import spread_weights
 from qthink.cli import main
 from qthink.errors import UserError
-from qthink.latent import ReservedLayer, Sampler, decode, generate, static_capacity, think
+from qthink.kv_cache import ReservedLayer, static_capacity
+from qthink.latent import decode, generate, think
 from qthink.model import HEAD_PT, HEAD_ST, QThink, encode_prompts, init_checkpoint, left_pad
+from qthink.sampling import Sampler
 from qthink.seed_recipe import seed_generate
 
 WORDS = ("the a of to and in is it what how many sum total left step a=3 b=a+4 c=b*2 d? x y 7 8 9 + - * "

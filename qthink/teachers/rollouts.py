@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from qthink.cli import add_decode_mode_argument
 from qthink.errors import UserError, require
-from qthink.latent import Sampler, generate, row_seed
+from qthink.latent import generate
 from qthink.model import check_decode_mode, encode_prompts, left_pad, load_base, parse_dtype
+from qthink.sampling import Sampler, row_seed
 from qthink.teachers import distributed
 from qthink.teachers.store import atomic_write_text
 
