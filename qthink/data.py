@@ -12,7 +12,6 @@ loader is resumable mid-epoch and shards across DDP ranks itself (`ResumableSamp
 run with `use_distributed_sampler: false`; `qthink fit --ckpt_path last` then continues at the exact sample.
 """
 
-import inspect
 import json
 import math
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from qthink.errors import UserError, require
 from qthink.model import encode_prompts, left_pad
+from qthink.tasks import load_problems
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
 from qthink.teachers.store import TeacherStore
 
@@ -100,13 +100,6 @@ def first_correct_answer(rollouts: list[dict], think_close: int, eos: int,
         if r.get("reward", 0) > 0 and (answer := rollout_answer_ids(r["token_ids"], think_close, eos, is_blank)):
             return answer
     return None
-
-
-def load_records(task, split: str, data_path: str | None, n: int | None) -> list[dict]:
-    """Task records of `split`; generated tasks (synthetic) take a count instead of a file."""
-    if "n" in inspect.signature(task.load).parameters:
-        return task.load(split, data_path, n=n)
-    return task.load(split, data_path)
 
 
 # ---- datasets and batches ----
@@ -239,7 +232,7 @@ class TeacherDataModule(L.LightningDataModule):
         rollouts: Rollouts directory (`qthink rollouts`); None: the one named in the store's manifest.
         task: Task name (gsm8k, math500, tooluse, synthetic); None: the store's.
         data_path: The task's data file or folder (None: the task's default source).
-        task_options: Task constructor options (e.g. {steps: 3} for synthetic); must match the rollouts'.
+        task_options: Task constructor options (e.g. {steps: 3} for synthetic); default: the rollouts' own.
         base_model: Base model whose tokenizer is used; must be the store's base model (linked to model.base_model).
         teacher_steps: K the store must have (linked from model.latent_steps; None when not distilling).
         batch_size: Problems per batch on each device.
@@ -247,6 +240,7 @@ class TeacherDataModule(L.LightningDataModule):
         max_prompt_tokens: Longer prompts are dropped (and counted in the log).
         max_answer_tokens: Answers (EOS included) are truncated to this many tokens (counted in the log).
         answer_source: `rollout`: the first correct rollout's answer, else the reference; `reference`: always the reference.
+        train_limit: Train on the store's first N problems only (by problem index; a data-size study); None: all.
         val_split: Task split of the validation problems (no teachers needed).
         val_limit: At most this many validation problems (the first ones); None: all.
         test_split: Task split used by `qthink test`.
@@ -271,6 +265,7 @@ class TeacherDataModule(L.LightningDataModule):
         max_prompt_tokens: int = 1024,
         max_answer_tokens: int = 256,
         answer_source: Literal["rollout", "reference"] = "rollout",
+        train_limit: int | None = None,
         val_split: str = "test",
         val_limit: int | None = 64,
         test_split: str = "test",
@@ -283,13 +278,14 @@ class TeacherDataModule(L.LightningDataModule):
         super().__init__()
         require(batch_size > 0, f"data.batch_size must be > 0 (got {batch_size})")
         require(max_answer_tokens > 0, f"data.max_answer_tokens must be > 0 (got {max_answer_tokens})")
+        require(train_limit is None or train_limit > 0, f"data.train_limit must be > 0 or null (got {train_limit})")
         self.save_hyperparameters()
         self.teachers, self.rollouts_dir, self.task_name, self.data_path = teachers, rollouts, task, data_path
         self.task_options, self.base_model, self.teacher_steps = task_options or {}, base_model, teacher_steps
         self.batch_size, self.num_workers = batch_size, num_workers
         self.max_prompt_tokens, self.max_answer_tokens, self.answer_source = max_prompt_tokens, max_answer_tokens, answer_source
         self.val_split, self.val_limit, self.test_split, self.test_limit = val_split, val_limit, test_split, test_limit
-        self.val_batch_size = val_batch_size or batch_size
+        self.val_batch_size, self.train_limit = val_batch_size or batch_size, train_limit
         self.shuffle, self.seed, self.trust_remote_code = shuffle, seed, trust_remote_code
         self.store: TeacherStore | None = None
         self.rollouts_path: Path | None = None
@@ -323,7 +319,7 @@ class TeacherDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         store = self.open_store()
         if self.tokenizer is None:
-            from qthink.tasks import get_task
+            from qthink.tasks import make_task
 
             named = self.rollouts_dir or store.manifest.get("rollouts")
             self.rollouts_path = Path(named) if self.rollouts_dir else resolve_dir(named, store.path) if named else None
@@ -331,7 +327,9 @@ class TeacherDataModule(L.LightningDataModule):
             rollouts_manifest = json.loads(found.read_text()) if found and found.is_file() else {}
             task = self.task_name or store.manifest.get("task") or rollouts_manifest.get("task")
             require(task is not None, f"{store.path}/manifest.json names no task; set data.task")
-            self.task = get_task(task, **self.task_options)
+            # the rollouts' own task options (e.g. synthetic steps) unless the config names others
+            options = self.task_options or rollouts_manifest.get("task_options") or {}
+            self.task = make_task(task, options)
             self.split = store.manifest.get("split") or rollouts_manifest.get("split") or "train"
             self.tokenizer = load_tokenizer(self.base_model, self.trust_remote_code)
         if stage == "fit" and "train" not in self.datasets:
@@ -345,8 +343,8 @@ class TeacherDataModule(L.LightningDataModule):
         return encode_prompts(self.tokenizer, questions, enable_thinking=False)
 
     def _train_examples(self, store: TeacherStore) -> list[Example]:
-        tok, indices = self.tokenizer, store.problem_indices
-        records = load_records(self.task, self.split, self.data_path, max(indices) + 1)
+        tok, indices = self.tokenizer, sorted(store.problem_indices)[: self.train_limit]
+        records = load_problems(self.task, self.split, self.data_path, max(indices) + 1)
         require(max(indices) < len(records), f"teacher store has problem {max(indices)} but {self.task.name} "
                 f"{self.split} has {len(records)} problems; point data.data_path at the data the store was built from")
         rollouts = {}
@@ -397,7 +395,7 @@ class TeacherDataModule(L.LightningDataModule):
         return examples
 
     def _eval_examples(self, split: str, limit: int | None) -> list[Example]:
-        records = load_records(self.task, split, self.data_path, limit)[:limit]
+        records = load_problems(self.task, split, self.data_path, limit)
         prompts = self._encode([self.task.prompt(r) for r in records])
         examples = [Example(i, p, record=r) for i, (p, r) in enumerate(zip(prompts, records, strict=True))
                     if len(p) <= self.max_prompt_tokens]

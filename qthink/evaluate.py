@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from qthink.cli import add_decode_mode_argument
 from qthink.errors import require
 from qthink.model import HEAD_PT, HEAD_ST, QThink, parse_dtype
-from qthink.tasks import Task, get_task, split_think
+from qthink.tasks import Task, get_task, load_problems, make_task, parse_task_options, split_think
 
 MODES = ("qthink", "think", "nothink")
 
@@ -96,11 +96,6 @@ def choose_threads(qt: QThink, threads: int | None = None) -> int:
     return torch.get_num_threads()
 
 
-def load_records(task: Task, split: str, data_path: str | None = None, limit: int | None = None) -> list[dict]:
-    require(limit is None or limit > 0, f"--limit must be > 0 (got {limit})")
-    return task.load(split, data_path)[:limit]
-
-
 def output_text(tokenizer, token_ids: list[int], finished: bool) -> str:
     """The decoded output without its final EOS, with `<think>`/`</think>` kept: the graders split on them,
     and a tokenizer that marks them special (the tiny one does) would drop them with skip_special_tokens."""
@@ -159,7 +154,7 @@ def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test",
     `summary.json`. `target` is a path (loaded here, or given already loaded as `model`) or, in process, a
     `QThink` (mode default: `qthink` if it has a head)."""
     task = get_task(task) if isinstance(task, str) else task
-    records = load_records(task, split, data_path, limit) if records is None else records
+    records = load_problems(task, split, data_path, limit) if records is None else records
     if isinstance(target, QThink):
         model, path = target, str(target.info.get("base_model", "in-memory"))
         mode = mode or ("qthink" if model.head is not None else "think")
@@ -230,6 +225,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("targets", nargs="+", metavar="TARGET",
                    help="checkpoint or base model (directory or hub repo id), optionally TARGET:qthink|think|nothink")
     p.add_argument("--task", required=True, help="gsm8k | math500 | tooluse | synthetic")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="task constructor option, repeatable (synthetic: steps=6, test_size=1000)")
     p.add_argument("--split", default="test", help="dataset split (default: test)")
     p.add_argument("--data-path", default=None, help="data root, task folder or split file (default: the hub)")
     p.add_argument("--mode", nargs="+", default=[], choices=MODES, help="one mode for all targets or one per target")
@@ -251,8 +248,8 @@ def cli_main(args) -> None:
     from qthink.compat import default_device
 
     targets = resolve_targets(args.targets, args.mode, args.name)
-    task = get_task(args.task)
-    records = load_records(task, args.split, args.data_path, args.limit)  # bad data fails before any model loads
+    task = make_task(args.task, parse_task_options(args.task_option))
+    records = load_problems(task, args.split, args.data_path, args.limit)  # bad data fails before any model loads
     device = torch.device(args.device) if args.device else default_device()
     dtype = parse_dtype(args.dtype)
     summaries = []

@@ -23,8 +23,9 @@ def table_without_seconds(table: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> tuple[Path, dict]:
+    """Two worker processes: rollouts on two ranks, stores and fits two at a time."""
     workdir = tmp_path_factory.mktemp("demo")
-    return workdir, run_demo(workdir, quick=True, seed=0)
+    return workdir, run_demo(workdir, quick=True, seed=0, workers=2)
 
 
 def test_quick_demo_writes_the_full_table_report_and_plots(quick_run):
@@ -32,15 +33,18 @@ def test_quick_demo_writes_the_full_table_report_and_plots(quick_run):
     rows = table_without_seconds(result["table"])
     assert len(rows) == 2 + len(SYSTEMS)  # header, separator, one row per system
     labels = [r[0] for r in rows[2:]]
-    assert labels == [label for _, label, _, _ in SYSTEMS]
+    assert labels == [system.label for system in SYSTEMS]
     for row in rows[2:]:
-        assert re.fullmatch(r"\d+\.\d%", row[1]), row
+        assert re.fullmatch(r"\d+\.\d%", row[3]), row
+    latent_steps = {r[0]: int(r[2]) for r in rows[2:]}
+    assert latent_steps["QThink, steps positions"] == 3 and latent_steps["CODI (RW final-step)"] == 6
+    assert "## Cost side" in (workdir / "report.md").read_text()
     report = (workdir / "report.md").read_text()
     assert result["table"] in report
     assert (workdir / "training_curves.png").stat().st_size > 10_000
-    assert (workdir / "accuracy_vs_tokens.png").stat().st_size > 10_000
-    for name, *_ in SYSTEMS:  # every system was evaluated and wrote its predictions
-        summary = json.loads((workdir / "eval" / name / "summary.json").read_text())
+    assert (workdir / "accuracy_vs_cost.png").stat().st_size > 10_000
+    for system in SYSTEMS:  # every system was evaluated and wrote its predictions
+        summary = json.loads((workdir / "eval" / system.name / "summary.json").read_text())
         assert summary["problems"] == 48
     # the students are real seed-format checkpoints
     for name in ("sft", "codi", "rw-per-step", "qthink", "qthink-steps"):
@@ -55,9 +59,11 @@ def test_demo_rerun_skips_finished_stages_and_gives_the_same_table(quick_run, ca
     assert again["table"] == first["table"]
 
 
-def test_demo_is_deterministic_for_a_seed(quick_run, tmp_path):
-    _, first = quick_run
-    second = run_demo(tmp_path / "again", quick=True, seed=0)
+def test_demo_is_deterministic_for_a_seed_in_one_process_or_two(quick_run, tmp_path):
+    workdir, first = quick_run
+    second = run_demo(tmp_path / "again", quick=True, seed=0, workers=1)
+    assert (tmp_path / "again" / "rollouts" / "rollouts.jsonl").read_bytes() == \
+        (workdir / "rollouts" / "rollouts.jsonl").read_bytes()
     assert table_without_seconds(second["table"]) == table_without_seconds(first["table"])
 
 

@@ -39,9 +39,11 @@ def test_linspace_rounds_half_to_even():
     assert linspace_positions(4, 3) == [0, 2, 3]  # 1.5 -> 2
 
 
-def test_select_evenly_spreads_or_repeats_the_last():
+def test_select_evenly_spreads_or_repeats_each_step_in_turn():
     assert select_evenly([3, 8, 9, 15, 20, 30, 31], 3) == [3, 15, 31]
-    assert select_evenly([3, 8], 4) == [3, 8, 8, 8]
+    assert select_evenly([3, 8], 4) == [3, 3, 8, 8]
+    assert select_evenly([4, 9, 14], 6) == [4, 4, 9, 9, 14, 14]  # K=6 on 3-step chains: every step twice
+    assert select_evenly([4, 9, 14], 4) == [4, 4, 9, 14]
     assert select_evenly([5, 6, 7], 3) == [5, 6, 7]
 
 
@@ -83,7 +85,7 @@ def test_synthetic_steps_land_on_the_equals_tokens(tok):
     assert len(every_eq) == 6
     assert step_positions(tok, content, 3, task.step_offsets) == eq
     assert step_positions(tok, content, 2, task.step_offsets) == [eq[0], eq[2]]
-    assert step_positions(tok, content, 5, task.step_offsets) == eq + [eq[-1]] * 2
+    assert step_positions(tok, content, 5, task.step_offsets) == [eq[0], eq[0], eq[1], eq[1], eq[2]]
     # without the task's offsets the general rule takes every `=` before a value and the end of the line
     assert step_positions(tok, content, 7) == every_eq + [len(content) - 2]
     assert content_positions("steps", tok, content, 3, task.step_offsets) == eq

@@ -123,3 +123,36 @@ def test_malformed_line_names_file_and_line(tiny_base, reference, tmp_path, caps
                                                               "rollouts": [{"token_ids": ["x"], "reward": 1}]}) + "\n")
     with pytest.raises(UserError, match=r":2: rollout 0 needs `token_ids`"):
         read_rollouts(out)
+
+
+def test_task_options_are_recorded_and_limits_above_the_default_split_are_honoured(tiny_base, tmp_path):
+    """`--task-option steps=2` reaches the task and the manifest; `--limit` beyond the synthetic split's
+    default size (2,000) gives that many problems instead of silently 2,000; the data module reads the
+    rollouts' task options back."""
+    from qthink.data import TeacherDataModule
+    from qthink.tasks import get_task, load_problems
+    from qthink.teachers.extract import build_teachers
+
+    assert len(load_problems(get_task("synthetic"), "train", None, 2500)) == 2500
+    out = tmp_path / "r"
+    run_rollouts(str(tiny_base), "synthetic", out, G=1, max_new_tokens=4, batch_size=4, limit=3,
+                 task_options={"steps": 2})
+    manifest, entries = read_rollouts(out)
+    assert manifest["task_options"] == {"steps": 2}
+    lines = [json.loads(line) for line in (out / ROLLOUTS).read_text().splitlines()]
+    assert all(line["question"].count("=") == 3 for line in lines)  # a=.. b=.. c=..: two steps
+    with pytest.raises(UserError, match="task_options"):  # a rerun with other options names the setting
+        run_rollouts(str(tiny_base), "synthetic", out, G=1, max_new_tokens=4, batch_size=4, limit=3)
+    store = build_teachers(str(tiny_base), out, tmp_path / "t", K=2, dtype="float32")
+    assert store["counts"]["problems"] == 3
+    dm = TeacherDataModule(str(tmp_path / "t"), answer_source="reference", val_limit=2)
+    dm.setup("validate")
+    assert dm.task.steps == 2
+
+
+def test_task_option_errors_are_one_line(tiny_base, tmp_path, capsys):
+    for flag, message in (("steps", "must be KEY=VALUE"), ("colour=red", "does not take the options")):
+        code = main(["rollouts", "--base", str(tiny_base), "--task", "synthetic", "--out", str(tmp_path / "r"),
+                     "--task-option", flag, "--limit", "1"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.strip().count("\n") == 0, err

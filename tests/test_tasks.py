@@ -426,3 +426,16 @@ def test_prompts_and_references_are_chat_template_safe():
             text = task.prompt(record) + task.reference(record)
             assert not any(marker in text for marker in TEMPLATE_BREAKERS), (name, task.problem_id(record))
             assert set(task.grade(task.reference(record), record)) == set(task.metrics)
+
+
+def test_load_problems_limits_and_task_options():
+    from qthink.tasks import load_problems, make_task, parse_task_options
+
+    synthetic = make_task("synthetic", parse_task_options(["steps=5", "test_size=40"]))
+    assert synthetic.steps == 5
+    assert len(load_problems(synthetic, "test")) == 40
+    assert len(load_problems(synthetic, "test", limit=500)) == 500  # generated: as many as asked
+    assert load_problems(synthetic, "test", limit=10) == load_problems(synthetic, "test", limit=500)[:10]
+    with pytest.raises(UserError, match="positive integer"):
+        load_problems(synthetic, "test", limit=0)
+    assert parse_task_options(["name=a=b", "flag=true"]) == {"name": "a=b", "flag": True}

@@ -25,8 +25,9 @@ def tiny_args(base, store, root, *extra) -> list[str]:
 @pytest.mark.parametrize("files", [
     ["tiny/qthink.yaml", "tiny/sft.yaml"], ["tiny/qthink.yaml", "tiny/codi.yaml"],
     ["tiny/qthink.yaml", "tiny/rw-per-step.yaml"], ["tiny/qthink.yaml", "tiny/uniform-per-step.yaml"],
+    ["tiny/qthink.yaml", "tiny/steps.yaml"],
     ["qwen3-1.7b/tooluse.yaml", "qwen3-1.7b/sft.yaml"], ["qwen3-1.7b/gsm8k.yaml", "qwen3-1.7b/codi.yaml"],
-    ["qwen3-1.7b/math.yaml", "qwen3-1.7b/rw-per-step.yaml"],
+    ["qwen3-1.7b/math.yaml", "qwen3-1.7b/rw-per-step.yaml"], ["qwen3-1.7b/tooluse.yaml", "qwen3-1.7b/steps.yaml"],
 ])
 def test_every_config_parses_and_paths_follow_default_root_dir(files, capsys):
     args = sum((["-c", str(ROOT / "configs" / f)] for f in files), ["fit"])

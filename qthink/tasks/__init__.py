@@ -9,9 +9,11 @@ Names: gsm8k, math500, tooluse, synthetic (generated, no files).
 
 from __future__ import annotations
 
+import inspect
+import json
 from typing import Any
 
-from qthink.errors import UserError
+from qthink.errors import UserError, require
 from qthink.tasks.base import Task, split_think
 from qthink.tasks.gsm8k import GSM8kTask
 from qthink.tasks.math500 import Math500Task
@@ -33,4 +35,37 @@ def get_task(name: str, **kwargs: Any) -> Task:
     return TASKS[name](**kwargs)
 
 
-__all__ = ["TASKS", "Task", "get_task", "split_think"]
+def load_problems(task: Task, split: str, data_path: str | None = None, limit: int | None = None) -> list[dict]:
+    """The first `limit` records of `split` (all without a limit). A generated task (synthetic) makes exactly
+    `limit` problems, so a limit above its default split size is honoured instead of silently capped."""
+    require(limit is None or (isinstance(limit, int) and limit > 0), f"--limit must be a positive integer (got {limit!r})")
+    if "n" in inspect.signature(task.load).parameters:
+        return task.load(split, data_path, n=limit)
+    return task.load(split, data_path)[:limit]
+
+
+def parse_task_options(pairs: list[str] | None) -> dict[str, Any]:
+    """`--task-option KEY=VALUE` pairs as a dict; VALUE is read as JSON where it parses (`steps=6` -> 6),
+    else kept as text."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        require(bool(sep) and key.strip() != "", f"--task-option must be KEY=VALUE (got {pair!r}), e.g. steps=6")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def make_task(name: str, options: dict[str, Any] | None = None) -> Task:
+    """`get_task` with constructor options from a command line or a manifest; a wrong option is one line."""
+    try:
+        return get_task(name, **(options or {}))
+    except TypeError as e:
+        params = [p for p in inspect.signature(TASKS[name].__init__).parameters if p != "self"]
+        raise UserError(f"task {name} does not take the options {options} ({e}); it takes: "
+                        f"{', '.join(params) or 'none'}") from e
+
+
+__all__ = ["TASKS", "Task", "get_task", "load_problems", "make_task", "parse_task_options", "split_think"]

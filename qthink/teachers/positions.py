@@ -1,4 +1,4 @@
-"""Where inside a rollout's think block the K teacher states are taken (DESIGN.md contract 2).
+"""Where inside a rollout's think block the K teacher states are taken (ARCHITECTURE.md, contract 2).
 
 Everything here is a pure function of token ids, text and offsets; `qthink teachers` names the scheme
 it used in the store's manifest (`position_scheme`).
@@ -8,11 +8,12 @@ it used in the store's manifest (`position_scheme`).
 - `linspace` (default, the seed's): `round(linspace(0, L-1, K))`, both ends included. The linspace is
   computed in float64 and rounded with `torch.round`, i.e. half to even (numpy's `np.round` rule):
   L=6, K=3 gives 0, 2.5 -> 2, 5. Positions repeat when L < K.
-- `steps` (issue 8): positions on reasoning-step boundaries. Candidates come from the task's own
+- `steps`: positions on reasoning-step boundaries. Candidates come from the task's own
   `step_offsets(think_text)` when it has one (synthetic: each `=`), otherwise from the general rule of
   `natural_step_offsets` (the state just before each value written after `=`, and the last token of
   each line). K are chosen evenly among the candidates (`round(linspace)` over the candidate list),
-  the last one is repeated when there are fewer than K, and `linspace` is used when there are none.
+  each repeated in turn when there are fewer than K (s1,s1,s2,s2,s3,s3), and `linspace` is used when
+  there are none.
 
 Character offsets are mapped to tokens through the byte spans of the rollout's own tokens (not a
 re-tokenisation of the text: sampled token sequences need not be the canonical tokenisation). A
@@ -40,10 +41,13 @@ def linspace_positions(length: int, k: int) -> list[int]:
 
 def select_evenly(candidates: Sequence[int], k: int) -> list[int]:
     """k of the (sorted, distinct) candidates spread evenly, first and last included; when there are
-    fewer than k, all of them and then the last repeated."""
-    if len(candidates) >= k:
-        return [candidates[i] for i in linspace_positions(len(candidates), k)]
-    return list(candidates) + [candidates[-1]] * (k - len(candidates))
+    fewer than k, each candidate is repeated in turn, as evenly as k allows (3 steps, k=6:
+    s1,s1,s2,s2,s3,s3), so every step keeps latent passes of its own. Repeating only the last step
+    (s1,s2,s3,s3,s3,s3) stayed at the SFT level in the demo's measurement (23% vs 92% spread)."""
+    n = len(candidates)
+    if n >= k:
+        return [candidates[i] for i in linspace_positions(n, k)]
+    return [candidates[i * n // k] for i in range(k)]
 
 
 def think_span(ids: Sequence[int], think_id: int, end_think_id: int, search_from: int = 0) -> tuple[int, int] | None:

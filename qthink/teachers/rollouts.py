@@ -119,7 +119,7 @@ def read_rollouts(directory: str | Path) -> tuple[dict, list[tuple[int, int, int
 
 
 # Settings added after the first manifests were written, and what those manifests' runs used.
-UNRECORDED = {"decode_mode": "dynamic"}
+UNRECORDED = {"decode_mode": "dynamic", "task_options": {}}  # what manifests written before a key existed used
 
 
 def check_manifest(directory: Path, settings: dict) -> None:
@@ -236,10 +236,11 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
                  G: int = 16, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20,
                  max_new_tokens: int = 4096, batch_size: int = 8, seed: int = 0, limit: int | None = None,
                  dtype: str = "auto", device: str | None = None,
-                 on_problem: Callable[[int], None] | None = None, decode_mode: str = "dynamic") -> dict:
+                 on_problem: Callable[[int], None] | None = None, decode_mode: str = "dynamic",
+                 task_options: dict | None = None) -> dict:
     """Sample, grade and append rollouts for the (first `limit`) problems of `task`/`split` not yet in
     `out`; returns a summary. `on_problem(index)` is called after each problem is on disk."""
-    from qthink.tasks import get_task
+    from qthink.tasks import load_problems, make_task
 
     require(G >= 1, f"-G must be >= 1 (got {G})")
     require(batch_size >= 1, f"--batch-size must be >= 1 (got {batch_size})")
@@ -249,10 +250,11 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
     check_decode_mode(decode_mode)
     ranks, dev = distributed.setup(device)
     out = Path(out)
-    task_obj = get_task(task)
-    records = task_obj.load(split, data_path)
-    records = records[:limit] if limit is not None else records
-    settings = {"format": FORMAT, "base_model": str(base), "task": task, "split": split, "data_path": data_path,
+    task_options = dict(task_options or {})
+    task_obj = make_task(task, task_options)
+    records = load_problems(task_obj, split, data_path, limit)
+    settings = {"format": FORMAT, "base_model": str(base), "task": task, "task_options": task_options,
+                "split": split, "data_path": data_path,
                 "G": G, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": dtype,
                 "enable_thinking": True, "decode_mode": decode_mode}
@@ -316,6 +318,8 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model directory or Hugging Face repo id")
     p.add_argument("--task", required=True, help="gsm8k | math500 | tooluse | synthetic")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="task constructor option, repeatable (synthetic: steps=6); fixed for a directory")
     p.add_argument("--split", default="train", help="dataset split (default train)")
     p.add_argument("--data-path", default=None, help="task data file or folder (default: the task's hub copy)")
     p.add_argument("--out", required=True, help="output rollouts directory")
@@ -333,11 +337,14 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args) -> int:
+    from qthink.tasks import parse_task_options
+
     start = time.perf_counter()
     try:
         s = run_rollouts(args.base, args.task, args.out, args.split, args.data_path, args.G, args.temperature,
                          args.top_p, args.top_k, args.max_new_tokens, args.batch_size, args.seed, args.limit,
-                         args.dtype, args.device, decode_mode=args.decode_mode)
+                         args.dtype, args.device, decode_mode=args.decode_mode,
+                         task_options=parse_task_options(args.task_option))
     finally:
         distributed.teardown()
     if distributed.env_ranks().is_main:

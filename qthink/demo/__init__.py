@@ -1,0 +1,129 @@
+"""`qthink demo`: the whole method end to end on the embedded tiny Qwen3 and the synthetic task, on CPU.
+
+    qthink demo [--workdir runs/demo] [--quick] [--seed S] [--force] [--workers 2] [--ablation-seeds 0,1,2]
+    qthink demo --study          # then the positions x K x problems study (`qthink.demo.study`)
+
+Stages (each resumable: a finished stage is recorded in `<workdir>/stages.json` and skipped on rerun;
+`--force` redoes everything; `qthink.demo.stages`):
+1. `base`: `qthink tiny-base`, then a short supervised stage teaching it to think on synthetic chains
+   (`qthink.thinking_base`), so it is "a base model that thinks" (both chat modes).
+2. `rollouts`: G sampled chain-of-thought rollouts per training problem (`qthink rollouts`, split over
+   the worker processes as `torchrun` would), hot enough that some are wrong.
+3. `teachers-*`: the seed's store (K=6, `linspace` positions) and the `steps` store (one position per
+   reasoning step, K = the chain's length), built side by side.
+4. `fit-*`: every row of the seed's table (SFT, CODI, RW per-step, QThink) and QThink on `steps`
+   positions, through `qthink fit` with `configs/tiny/`, two fits at a time; each exported.
+5. `eval-*`: every system and the base (think / no think) on held-out problems (`qthink eval`), one
+   after another in this process so that no fit shares their timings.
+6. `cost`: where the time of the best latent student and of the thinking base goes.
+7. `report.md` with the table, the cost side and plots (`qthink.demo.report`); the table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from qthink.demo.stages import (
+    QUICK,
+    SYSTEMS,
+    DemoSettings,
+    Stages,
+    System,
+    build_base,
+    build_rollouts,
+    build_store,
+    cost_split,
+    evaluate_system,
+    fit_jobs,
+    store_name,
+)
+from qthink.errors import require
+
+
+def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, force: bool = False,
+             ablation_seeds: list[int] | None = None, workers: int | None = None,
+             settings: DemoSettings | None = None) -> dict:
+    from qthink.parallel import quiet_worker
+
+    began = time.perf_counter()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    s = settings or (QUICK if quick else DemoSettings())
+    workers = workers or min(2, os.cpu_count() or 1)
+    # The tiny model's matmuls are too small for a second OpenMP thread to pay (on a busy machine it made
+    # steps many times slower, measured): one thread per process, and independent work on two processes.
+    quiet_worker()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    stages = Stages(workdir, force)
+    stages.run("base", build_base, workdir, s, seed)
+    stages.run("rollouts", build_rollouts, workdir, s, seed, workers)
+    stores = {("linspace", s.seed_K), ("steps", s.steps_K)}
+    stages.run_parallel([(store_name(sc, K), build_store, (workdir, sc, K)) for sc, K in sorted(stores)], workers)
+    stages.run_parallel(fit_jobs(workdir, s, seed), workers)
+    rows = []
+    for system in SYSTEMS:
+        target, mode = ((workdir / "base", system.name.removeprefix("base-")) if system.variant is None
+                        else (workdir / "export" / system.name, "qthink"))
+        result = stages.run(f"eval-{system.name}", evaluate_system, workdir, s, system.name, system.label,
+                            target, mode)["result"]
+        rows.append({**result, "scheme": system.scheme, "fit": stages.done.get(f"fit-{system.name}", {}).get("result")})
+    from qthink.demo.report import results_table, write_report
+
+    cost = stages.run("cost", cost_split, workdir, s, rows)["result"]
+    ablation = None
+    if ablation_seeds:
+        from qthink.demo.study import seed_ablation
+
+        ablation = seed_ablation(workdir, s, stages, ablation_seeds, seed, workers)
+    table = results_table(rows)
+    report = write_report(workdir, table, rows, cost, asdict(s), stages.done, quick, seed, ablation,
+                          time.perf_counter() - began)
+    print("\n" + table)
+    if ablation:
+        print("\n" + ablation)
+    print(f"\n[demo] report: {report}  (wall {time.perf_counter() - began:.0f} s)")
+    return {"table": table, "rows": rows, "cost": cost, "ablation": ablation, "report": str(report)}
+
+
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", default="runs/demo", help="where every stage writes (resumable)")
+    p.add_argument("--quick", action="store_true", help="toy sizes: the same pipeline end to end in about 2 minutes")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for independent stages (default: 2, or 1 on a one-core machine)")
+    p.add_argument("--ablation-seeds", default=None,
+                   help="comma-separated seeds: refit the QThink rows per seed, report mean and spread")
+    p.add_argument("--study", action="store_true",
+                   help="after the demo, the positions x K x problems study (qthink.demo.study; about an hour)")
+
+
+def parse_seeds(text: str | None, flag: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        require(False, f"{flag} must be comma-separated integers (got {text!r})")
+        raise  # unreachable: require raised
+
+
+def cli_main(args) -> None:
+    seeds = parse_seeds(args.ablation_seeds, "--ablation-seeds")
+    require(args.workers is None or args.workers >= 1, f"--workers must be >= 1 (got {args.workers})")
+    require(not (args.study and args.quick), "--study runs at the demo's default sizes; drop --quick")
+    run_demo(args.workdir, args.quick, args.seed, args.force, seeds, args.workers)
+    if args.study:
+        from qthink.demo.study import run_study
+
+        run_study(args.workdir, seed=args.seed, workers=args.workers)
+
+
+
+
+__all__ = ["QUICK", "SYSTEMS", "DemoSettings", "System", "run_demo"]

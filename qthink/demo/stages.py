@@ -1,0 +1,226 @@
+"""The demo's settings, systems and stages (each a module-level function: the parallel ones run in spawned
+processes), and `Stages`, the resumable record of which finished (`<workdir>/stages.json`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qthink.errors import require
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of every stage (the defaults fit in 15 minutes on 2 CPU cores); `--quick` shrinks them."""
+
+    base_steps: int = 400  # supervised steps teaching the tiny base to think (100% with thinking at 400)
+    base_problems: int = 20000  # synthetic training chains for that stage (fresh ones: no memorising)
+    chain_steps: int = 3  # operations per synthetic chain (`a=3 b=a+4 c=b*2 d=c+5 d?`)
+    train_problems: int = 8000  # distinct problems with rollouts: the students' training set
+    G: int = 4  # rollouts per problem
+    temperature: float = 1.3  # rollout sampling; hot enough that about 8% of rollouts are wrong
+    fit_steps: int = 1000  # optimizer steps per fit (the steps student's validation settles by ~600)
+    fit_batch_size: int = 32  # problems per step
+    lr: float = 3e-3  # LoRA + head learning rate (cosine to 0 after 3% warm-up)
+    seed_K: int = 6  # latent steps of the seed's rows (linspace positions)
+    eval_problems: int = 300  # held-out synthetic test problems (disjoint from training by construction)
+    max_new_tokens: int = 40  # generation budget (a thinking answer of 3 steps is about 30 tokens)
+    val_every: int = 250  # validation (64 held-out problems) every this many steps
+
+    @property
+    def steps_K(self) -> int:
+        """Latent steps of the `steps` student: one per reasoning step of the chain."""
+        return self.chain_steps
+
+
+QUICK = DemoSettings(base_steps=150, base_problems=500, train_problems=48, G=4, fit_steps=12, fit_batch_size=8,
+                     eval_problems=48, val_every=6)
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    label: str
+    variant: str | None = None  # override config layered on configs/tiny/qthink.yaml (None: no fit)
+    scheme: str | None = None  # teacher positions of its store
+    K: int | str = 0  # latent steps: a number, "seed" or "steps" (from the settings)
+
+
+SYSTEMS = [
+    System("base-think", "Base (thinking)"),
+    System("base-nothink", "Base (no thinking)"),
+    System("sft", "SFT (no latents)", "sft.yaml", "linspace", 0),
+    System("codi", "CODI (RW final-step)", "codi.yaml", "linspace", "seed"),
+    System("rw-per-step", "QThink RW per-step", "rw-per-step.yaml", "linspace", "seed"),
+    System("qthink", "QThink (seed: uniform per-step, linspace)", "uniform-per-step.yaml", "linspace", "seed"),
+    System("qthink-steps", "QThink, steps positions", "uniform-per-step.yaml", "steps", "steps"),
+]
+
+
+def latent_steps(system: System, s: DemoSettings) -> int:
+    return {"seed": s.seed_K, "steps": s.steps_K}.get(system.K, system.K)  # type: ignore[arg-type]
+
+
+def store_name(scheme: str, K: int) -> str:
+    return f"teachers-{scheme}-k{K}"
+
+
+class Stages:
+    """`stages.json`: which stages finished, with what they returned; a stage is run at most once."""
+
+    def __init__(self, workdir: Path, force: bool):
+        self.path = workdir / "stages.json"
+        self.done = {} if force or not self.path.exists() else json.loads(self.path.read_text())
+
+    def record(self, name: str, result: Any, seconds: float) -> None:
+        self.done[name] = {"result": result, "seconds": round(seconds, 1)}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done, indent=2) + "\n")
+        os.replace(tmp, self.path)
+        print(f"[demo] {name}: {self.done[name]['seconds']} s", flush=True)
+
+    def run(self, name: str, fn, *args, **kwargs):
+        if name in self.done:
+            print(f"[demo] {name}: done already (skipped; --force redoes)")
+            return self.done[name]
+        print(f"[demo] {name} ...", flush=True)
+        began = time.perf_counter()
+        self.record(name, fn(*args, **kwargs), time.perf_counter() - began)
+        return self.done[name]
+
+    def run_parallel(self, jobs: list[tuple[str, Any, tuple]], workers: int) -> None:
+        """Independent stages on `workers` processes (`qthink.parallel.run_jobs`), recorded as they end."""
+        from qthink.parallel import run_jobs
+
+        todo = [job for job in jobs if job[0] not in self.done]
+        for name, _, _ in jobs:
+            if name in self.done:
+                print(f"[demo] {name}: done already (skipped; --force redoes)")
+        if todo:
+            print(f"[demo] {', '.join(name for name, _, _ in todo)} on {min(workers, len(todo))} process(es) ...",
+                  flush=True)
+        run_jobs(todo, workers, self.record)
+
+
+def build_base(workdir: Path, s: DemoSettings, seed: int) -> dict:
+    from qthink.thinking_base import train_thinking_base
+    from qthink.tiny import build_tiny_base
+
+    build_tiny_base(workdir / "tiny-base", seed=seed)
+    curve = train_thinking_base(workdir / "tiny-base", workdir / "base", steps=s.base_steps,
+                                problems=s.base_problems, seed=seed)
+    return {k: v for k, v in curve.items() if k != "losses"}
+
+
+def build_rollouts(workdir: Path, s: DemoSettings, seed: int, workers: int) -> dict:
+    from qthink.parallel import run_ranks
+    from qthink.teachers.rollouts import run_rollouts
+
+    kwargs = {"base": str(workdir / "base"), "task": "synthetic", "out": workdir / "rollouts", "G": s.G,
+              "temperature": s.temperature, "top_p": 1.0, "top_k": 0, "max_new_tokens": s.max_new_tokens,
+              "batch_size": 16, "seed": seed, "limit": s.train_problems, "dtype": "float32", "device": "cpu",
+              "task_options": {"steps": s.chain_steps}}
+    return run_ranks(run_rollouts, kwargs, workers)
+
+
+def build_store(workdir: Path, scheme: str, K: int) -> dict:
+    from qthink.teachers.extract import build_teachers
+
+    manifest = build_teachers(str(workdir / "base"), workdir / "rollouts", workdir / store_name(scheme, K), K=K,
+                              dtype="float32", batch_size=64, position_scheme=scheme)
+    return {"counts": manifest.get("counts"), "position_scheme": scheme, "K": K}
+
+
+def fit_argv(workdir: Path, s: DemoSettings, variant: str | None, store: str, K: int, seed: int, run_dir: Path,
+             train_limit: int | None = None) -> list[str]:
+    """`qthink fit` arguments for one student: configs/tiny/qthink.yaml [+ variant] and the demo's sizes."""
+    argv = ["fit", "-c", str(CONFIGS / "qthink.yaml")]
+    if variant:
+        argv += ["-c", str(CONFIGS / variant)]
+    argv += ["--model.base_model", str(workdir / "base"), "--data.teachers", str(workdir / store),
+             "--model.latent_steps", str(K), "--trainer.default_root_dir", str(run_dir),
+             "--trainer.max_steps", str(s.fit_steps), "--model.lr", str(s.lr),
+             "--data.batch_size", str(s.fit_batch_size), "--data.val_limit", str(min(64, s.eval_problems)),
+             "--trainer.val_check_interval", str(min(s.val_every, s.fit_steps)),
+             "--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed),
+             "--trainer.enable_model_summary", "false"]
+    if train_limit is not None:
+        argv += ["--data.train_limit", str(train_limit)]
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        argv += ["--ckpt_path", "last"]
+    return argv
+
+
+def fit_student(workdir: Path, s: DemoSettings, name: str, variant: str | None, store: str, K: int, seed: int,
+                train_limit: int | None = None) -> dict:
+    """`qthink fit` in process (resumed if a last.ckpt exists), exported to `export/<name>`; returns the
+    validation curve."""
+    from qthink.demo.report import read_scalars
+    from qthink.export import export_checkpoint
+    from qthink.train_cli import run_lightning_cli
+
+    require((CONFIGS / "qthink.yaml").is_file(), f"{CONFIGS} not found: run the demo from a source checkout "
+            "(pip install -e .)")
+    run_dir = workdir / "fit" / name
+    run_lightning_cli(fit_argv(workdir, s, variant, store, K, seed, run_dir, train_limit))
+    out = export_checkpoint(run_dir / "checkpoints" / "last.ckpt", workdir / "export" / name)
+    curve = read_scalars(run_dir / "tensorboard").get("val/exact_match", [])
+    return {"checkpoint": str(out), "run_dir": str(run_dir), "K": K, "store": store, "val_exact_match": curve}
+
+
+def evaluate_system(workdir: Path, s: DemoSettings, name: str, label: str, target: Path, mode: str) -> dict:
+    from qthink.evaluate import evaluate
+    from qthink.tasks import make_task
+
+    task = make_task("synthetic", {"steps": s.chain_steps})
+    summary = evaluate(str(target), task, "test", mode=mode, name=name, limit=s.eval_problems,
+                       max_new_tokens=s.max_new_tokens, batch_size=64, out=workdir / "eval", progress=False)
+    return {"label": label, **summary}
+
+
+def cost_split(workdir: Path, s: DemoSettings, rows: list[dict], repeats: int = 3) -> dict:
+    """Where the time goes, for the best latent student and the thinking base: each generation timed whole
+    and cut at its first token (prompt prefill + latent passes), on the same held-out problems."""
+    import statistics
+
+    from qthink.evaluate import load_target
+    from qthink.tasks import load_problems, make_task
+
+    task = make_task("synthetic", {"steps": s.chain_steps})
+    questions = [task.prompt(r) for r in load_problems(task, "test", None, s.eval_problems)]
+    latent = max((r for r in rows if r["mode"] == "qthink"), key=lambda r: r["metrics"]["exact_match"])
+    base = next(r for r in rows if r["system"] == "base-think")
+    out = {"problems": len(questions), "batch_size": 64, "repeats": repeats}
+    for key, row in (("latent", latent), ("base", base)):
+        qt = load_target(row["target"], row["mode"], device="cpu")
+        think = row["mode"] == "think"
+
+        def timed(max_new_tokens: int, qt=qt, think=think, k=row["K"]) -> float:
+            times = []
+            for _ in range(repeats):
+                began = time.perf_counter()
+                qt.generate(questions, k, max_new_tokens, 64, enable_thinking=think)
+                times.append(time.perf_counter() - began)
+            return 1000 * statistics.median(times) / len(questions)
+
+        total, first = timed(s.max_new_tokens), timed(1)
+        out[key] = {"label": row["label"], "exact_match": row["metrics"]["exact_match"], "K": row["K"],
+                    "passes": row["K"] + row["mean_tokens"], "ms_total": total, "ms_prefill": first,
+                    "ms_decode": max(total - first, 0.0)}
+    return out
+
+
+def fit_jobs(workdir: Path, s: DemoSettings, seed: int) -> list[tuple[str, Any, tuple]]:
+    """One job per student of the table, the longest (most latent steps) first."""
+    jobs = []
+    for system in sorted((x for x in SYSTEMS if x.variant), key=lambda x: -latent_steps(x, s)):
+        K = latent_steps(system, s)
+        store = store_name(system.scheme, s.seed_K if system.K == 0 else K)  # SFT reads only the problems
+        jobs.append((f"fit-{system.name}", fit_student, (workdir, s, system.name, system.variant, store, K, seed)))
+    return jobs

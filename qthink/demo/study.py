@@ -1,0 +1,144 @@
+"""`qthink demo --study`: which teacher positions, how many latent steps, how many distinct problems.
+
+Sweeps positions {linspace, steps} x K {1, 2, 3, 6} x distinct training problems {1k, 2k, 8k} on the demo's
+base, rollouts and fit settings (`<workdir>` of a finished `qthink demo`), one seed per cell and three for
+the headline cells (SFT, the seed's linspace K=6 and steps K=3, at 8k problems). Every cell is a
+`qthink fit` + export + eval on the held-out problems; cells run two at a time and are resumable like the
+demo's stages (`stages.json`). Writes `study.md` (mean ± std and range per cell) and `study.png`.
+
+`steps` positions with K above the chain's length repeat each step in turn (s1,s1,s2,s2,s3,s3); below it
+they take steps evenly, first and last included (K=1: the first step, as `linspace` takes the first token).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from qthink.demo.report import markdown_table, spread
+from qthink.demo.stages import DemoSettings, Stages, build_store, evaluate_system, fit_student, store_name
+from qthink.errors import require
+
+SCHEMES = ("linspace", "steps")
+KS = (1, 2, 3, 6)
+PROBLEMS = (1000, 2000, 8000)
+HEADLINE_SEEDS = (0, 1, 2)
+# the demo's own fits that are cells of the study (same settings, seed 0, all 8k problems)
+FROM_DEMO = {("sft", 0, 8000, 0): "sft", ("linspace", 6, 8000, 0): "qthink", ("steps", 3, 8000, 0): "qthink-steps"}
+
+
+def cell_name(scheme: str, K: int, problems: int, seed: int) -> str:
+    return f"study-{scheme}-k{K}-n{problems}-seed{seed}"
+
+
+def cells(s: DemoSettings) -> list[tuple[str, int, int, int]]:
+    """(scheme, K, problems, seed): the grid at seed 0, SFT per problem count, extra seeds for the headline."""
+    out = [(sc, K, n, 0) for sc in SCHEMES for K in KS for n in PROBLEMS]
+    out += [("sft", 0, n, 0) for n in PROBLEMS]
+    for sc, K in (("sft", 0), ("linspace", s.seed_K), ("steps", s.steps_K)):
+        out += [(sc, K, max(PROBLEMS), seed) for seed in HEADLINE_SEEDS if seed != 0]
+    return out
+
+
+def fit_and_eval(workdir: Path, s: DemoSettings, scheme: str, K: int, problems: int, seed: int) -> float:
+    """One cell: fit, export, exact match on the held-out problems."""
+    name = cell_name(scheme, K, problems, seed)
+    variant, store = ("sft.yaml", store_name("linspace", s.seed_K)) if scheme == "sft" else \
+        ("uniform-per-step.yaml", store_name(scheme, K))
+    fit = fit_student(workdir, s, name, variant, store, K, seed, problems)
+    summary = evaluate_system(workdir, s, name, name, Path(fit["checkpoint"]), "qthink")
+    return summary["metrics"]["exact_match"]
+
+
+def seed_ablation(workdir: Path, s: DemoSettings, stages: Stages, seeds: list[int], run_seed: int,
+                  workers: int) -> str:
+    """The demo's latent rows (and SFT) refitted per seed on the same base, rollouts and stores."""
+    systems = (("sft", 0, "SFT"), ("linspace", s.seed_K, "QThink, linspace (seed's)"),
+               ("steps", s.steps_K, "QThink, steps"))
+    jobs = [(cell_name(sc, K, s.train_problems, seed), fit_and_eval, (workdir, s, sc, K, s.train_problems, seed))
+            for sc, K, _ in systems for seed in seeds if seed != run_seed]
+    stages.run_parallel(jobs, workers)
+    demo_fit = {"sft": "sft", "linspace": "qthink", "steps": "qthink-steps"}
+    rows = []
+    for sc, K, label in systems:
+        scores = [stages.done[f"eval-{demo_fit[sc]}"]["result"]["metrics"]["exact_match"] if seed == run_seed else
+                  stages.done[cell_name(sc, K, s.train_problems, seed)]["result"] for seed in seeds]
+        rows.append([label, str(K), ", ".join(f"{100 * x:.1f}%" for x in scores), spread(scores)])
+    return markdown_table(["System", "K", f"Exact match per seed ({', '.join(map(str, seeds))})",
+                           "Mean ± std (range)"], rows)
+
+
+def collect(stages: Stages, s: DemoSettings) -> dict[tuple[str, int, int], list[float]]:
+    """(scheme, K, problems) -> exact match per seed, the demo's own fits included."""
+    scores: dict[tuple[str, int, int], list[float]] = {}
+    for scheme, K, n, seed in cells(s):
+        name = FROM_DEMO.get((scheme, K, n, seed))
+        value = (stages.done[f"eval-{name}"]["result"]["metrics"]["exact_match"] if name
+                 else stages.done[cell_name(scheme, K, n, seed)]["result"])
+        scores.setdefault((scheme, K, n), []).append(value)
+    return scores
+
+
+def plot_study(scores: dict[tuple[str, int, int], list[float]], s: DemoSettings, out: Path) -> Path:
+    import statistics
+
+    import matplotlib.pyplot as plt
+
+    def mean_std(key):
+        v = [100 * x for x in scores[key]]
+        return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    n_max = max(PROBLEMS)
+    for scheme in SCHEMES:
+        m = [mean_std((scheme, K, n_max)) for K in KS]
+        left.errorbar(KS, [x for x, _ in m], yerr=[e for _, e in m], marker="o", capsize=3, label=scheme)
+    sft, _ = mean_std(("sft", 0, n_max))
+    left.axhline(sft, color="grey", linestyle="--", label="SFT (K=0)")
+    left.set(xlabel="latent steps K", ylabel="exact match (%)", xticks=KS, ylim=(0, 102),
+             title=f"{n_max:,} distinct problems, {s.chain_steps}-step chains")
+    left.legend(fontsize=8)
+    for scheme, K, label in (("steps", s.steps_K, f"steps, K={s.steps_K}"), ("linspace", s.seed_K, f"linspace, K={s.seed_K} (seed's)"),
+                             ("sft", 0, "SFT")):
+        m = [mean_std((scheme, K, n)) for n in PROBLEMS]
+        right.errorbar(PROBLEMS, [x for x, _ in m], yerr=[e for _, e in m], marker="o", capsize=3, label=label,
+                       linestyle="--" if scheme == "sft" else "-")
+    right.set(xlabel="distinct training problems", ylabel="exact match (%)", xscale="log", xticks=PROBLEMS,
+              xticklabels=[f"{n // 1000}k" for n in PROBLEMS], ylim=(0, 102), title="exact match vs problems")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def run_study(workdir: str | Path = "runs/demo", seed: int = 0, workers: int | None = None,
+              settings: DemoSettings | None = None) -> Path:
+    import os
+
+    from qthink.parallel import quiet_worker
+
+    began = time.perf_counter()
+    workdir, s = Path(workdir), settings or DemoSettings()
+    workers = workers or min(2, os.cpu_count() or 1)
+    require(seed == 0, "the study reuses the demo's seed-0 fits; run the demo with --seed 0")
+    stages = Stages(workdir, force=False)
+    require("rollouts" in stages.done and all(f"eval-{n}" in stages.done for n in FROM_DEMO.values()),
+            f"{workdir} holds no finished default `qthink demo`; run it first (the study reuses its base and fits)")
+    quiet_worker()
+    stores = sorted({(sc, K) for sc in SCHEMES for K in KS})
+    stages.run_parallel([(store_name(sc, K), build_store, (workdir, sc, K)) for sc, K in stores], workers)
+    todo = [c for c in cells(s) if c not in FROM_DEMO]
+    todo.sort(key=lambda c: (-c[1], -c[2]))  # the longest fits first: the two processes end together
+    stages.run_parallel([(cell_name(*c), fit_and_eval, (workdir, s, *c)) for c in todo], workers)
+    scores = collect(stages, s)
+    figure = plot_study(scores, s, workdir / "study.png")
+    rows = [[sc, str(K), f"{n:,}", str(len(v)), spread(v)] for (sc, K, n), v in sorted(scores.items())]
+    table = markdown_table(["Positions", "K", "Problems", "Seeds", "Exact match: mean ± std (range)"], rows)
+    wall = time.perf_counter() - began
+    text = (f"# qthink study: positions x K x problems\n\nHeld-out synthetic problems ({s.eval_problems}), "
+            f"{s.fit_steps} fit steps per cell, settings as `qthink demo`; this run {wall / 60:.0f} min "
+            f"({workers} processes).\n\n{table}\n\n![study]({figure.name})\n")
+    (workdir / "study.md").write_text(text)
+    print("\n" + table + f"\n\n[study] {workdir / 'study.md'}, {figure}  (wall {wall / 60:.1f} min)")
+    return workdir / "study.md"
