@@ -1,4 +1,4 @@
-"""The `qthink` command: one subcommand per pipeline stage (DESIGN.md contract 4).
+"""The `qthink` command: one subcommand per pipeline stage (ARCHITECTURE.md contract 4).
 
 `fit`, `validate` and `test` are LightningCLI (`qthink.train_cli`); every other subcommand lives in the
 module that implements it, which exposes `add_cli_arguments(parser)` and `cli_main(args) -> int | None`.

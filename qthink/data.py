@@ -1,6 +1,6 @@
 """`TeacherDataModule`: training batches from a teacher store and its rollouts, validation problems from the task.
 
-A training example is one problem of the store: the prompt in the student layout (DESIGN.md contract 1:
+A training example is one problem of the store: the prompt in the student layout (ARCHITECTURE.md contract 1:
 `enable_thinking=False`, so it ends with an empty think block), the answer tokens + EOS, and the problem's
 teacher rows ([K,H] uniform and weighted, with validity). The answer is, with `answer_source: rollout`,
 the post-think answer of the problem's first correct finished rollout (the base model's own tokens), else

@@ -4,7 +4,7 @@ The Lightning checkpoint holds only the trainable weights (LoRA + head) and the 
 Export rebuilds the module from those hyperparameters (the base model from its original path, or `--base`
 when it moved), loads the weights, merges LoRA into the base in float32 (`merge_and_unload(safe_merge=True)`,
 which refuses to write NaN/inf), and writes the directory `qthink generate`, `qthink eval` and the seed's
-own usage snippet read (DESIGN.md contract 3), with `qthink.json` recording how the model was trained.
+own usage snippet read (ARCHITECTURE.md contract 3), with `qthink.json` recording how the model was trained.
 """
 
 import argparse

@@ -3,7 +3,7 @@
 Training (`think` + `answer_hidden` + `answer_token_losses`, with gradients), validation, inference, evaluation,
 rollouts and benchmarks (`generate`, under `torch.inference_mode`) all run through these functions.
 
-Sequence layout (DESIGN.md contract 1): a batch of left-padded prompts, then K latent positions, then the
+Sequence layout (ARCHITECTURE.md contract 1): a batch of left-padded prompts, then K latent positions, then the
 answer. Every decoder call gets the running attention mask and explicit `position_ids` derived from it, so
 a row's result does not depend on the padding its batch needs (CODI attends to left padding; Coconut has
 no cache). The hidden state everywhere is the post-final-norm last-layer state (`last_hidden_state`).

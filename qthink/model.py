@@ -1,6 +1,6 @@
 """`QThink`: a base causal LM plus the projection head, in the seed's checkpoint format.
 
-The seed-format checkpoint (DESIGN.md contract 3) is a directory `AutoModelForCausalLM.from_pretrained`
+The seed-format checkpoint (ARCHITECTURE.md contract 3) is a directory `AutoModelForCausalLM.from_pretrained`
 loads (merged LoRA), plus `projection_head.pt` (state dict, keys `mlp.0.*`, `mlp.2.*`, `mlp.3.*`),
 `projection_head.safetensors` (the same tensors) and `qthink.json` (K, hidden size, how it was trained).
 The seed's own usage snippet runs unchanged on a directory written by `save_pretrained`.
@@ -105,7 +105,7 @@ class Batch:
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, questions: list[str], enable_thinking: bool = False) -> list[list[int]]:
-    """Token ids of each question as one user turn with the generation prompt (DESIGN.md contract 1)."""
+    """Token ids of each question as one user turn with the generation prompt (ARCHITECTURE.md contract 1)."""
     texts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking

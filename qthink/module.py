@@ -10,7 +10,7 @@ the optimizer, metrics, and checkpoints that hold the trainable weights alone.
 Precision comes from the Trainer (`bf16-mixed` on GPUs): weights are loaded in float32, so the LoRA
 adapters, the head and AdamW's state stay float32 while matmuls run in bf16; the losses are float32.
 HF gradient checkpointing stays off: in training mode it silently drops the KV cache the latent loop
-relies on (notes/lightning-ecosystem.md, section 4).
+relies on.
 """
 
 import math

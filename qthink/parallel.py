@@ -75,40 +75,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(fn: Callable[..., Any], kwargs: dict, world: int) -> Any:
-    """`fn(**kwargs)` on `world` spawned ranks (in this process when `world` is 1); rank 0's result."""
+def run_ranks(fn: Callable[..., Any], kwargs: dict, world: int) -> list[Any]:
+    """`fn(**kwargs)` on `world` spawned ranks (in this process when `world` is 1); every rank's result, in
+    rank order."""
     if world <= 1:
-        return fn(**kwargs)
+        return [fn(**kwargs)]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(rank, world, port, fn, kwargs, results)) for rank in range(world)]
     for p in procs:
         p.start()
+    outcomes = dict(results.get() for _ in procs)  # (rank, ("ok" | "error", value)), read before joining
     for p in procs:
         p.join()
-    failed = [rank for rank, p in enumerate(procs) if p.exitcode != 0]
-    outcome = results.get() if not results.empty() else None
-    if failed or outcome is None:
-        detail = outcome[1] if outcome and outcome[0] == "error" else f"exit codes {[p.exitcode for p in procs]}"
-        raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed on rank(s) {failed or [0]}: {detail}")
-    if outcome[0] == "error":
-        raise RuntimeError(outcome[1])
-    return outcome[1]
+    errors = [f"rank {r}: {v}" for r, (status, v) in sorted(outcomes.items()) if status == "error"]
+    if errors:
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed: {'; '.join(errors)}")
+    return [outcomes[r][1] for r in range(world)]
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable[..., Any], kwargs: dict, results) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    quiet_worker()
-    from qthink.teachers import distributed
-
+    outcome: tuple[str, Any] = ("error", "exited before reporting")
     try:
-        result = fn(**kwargs)
-    except Exception as e:  # reported to the parent, which raises it as one line
-        results.put(("error", f"{type(e).__name__}: {e}"))
-        raise SystemExit(1) from e
-    finally:
-        distributed.teardown()
-    if rank == 0:
-        results.put(("ok", result))
+        quiet_worker()
+        from qthink.teachers import distributed
+
+        try:
+            outcome = ("ok", fn(**kwargs))
+        finally:
+            distributed.teardown()
+    except BaseException as e:  # reported to the parent, which raises it with every rank's error
+        outcome = ("error", f"{type(e).__name__}: {e}")
+    results.put((rank, outcome))

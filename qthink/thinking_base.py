@@ -53,11 +53,12 @@ def collate(sequences: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.
 
 
 def train_thinking_base(base: str | Path, out: str | Path, steps: int = 1000, batch_size: int = 64,
-                        lr: float = 2e-3, problems: int = 2000, seed: int = 0) -> dict:
-    """Fine-tune `base` on synthetic chains in both chat modes and save it to `out`; returns the curve."""
+                        lr: float = 2e-3, problems: int = 2000, seed: int = 0, chain_steps: int = 3) -> dict:
+    """Fine-tune `base` on synthetic chains of `chain_steps` operations in both chat modes and save it to
+    `out`; returns the curve."""
     torch.manual_seed(seed)
     model, tokenizer = load_base(str(base), torch.float32)
-    task = get_task("synthetic")
+    task = get_task("synthetic", steps=chain_steps)
     sequences = build_sequences(tokenizer, task.load("train", n=problems), task)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)

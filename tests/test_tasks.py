@@ -372,7 +372,8 @@ def test_synthetic_is_deterministic_disjoint_and_correct():
     assert train == get_task("synthetic").load("train") and test == task.load("test")
     assert [task.problem_id(r) for r in (test[0], test[17])] == ["test-0", "test-17"]
     big_train = {r["question"] for r in task.load("train", n=10_000)}
-    assert not big_train & {r["question"] for r in task.load("test", n=1000)}
+    big_test, validation = {r["question"] for r in task.load("test", n=1000)}, {r["question"] for r in task.load("validation", n=1000)}
+    assert not big_train & big_test and not big_train & validation and not big_test & validation
     assert len({r["question"] for r in train}) == len(train)
     for record in train + test:
         assert re.fullmatch(r"a=[1-9]( [b-z]=[a-y][-+*][1-9]){3} d\?", record["question"])

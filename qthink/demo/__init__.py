@@ -25,7 +25,7 @@ import argparse
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from qthink.demo.stages import (
@@ -59,7 +59,7 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int =
     # steps many times slower, measured): one thread per process, and independent work on two processes.
     quiet_worker()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    stages = Stages(workdir, force)
+    stages = Stages(workdir, force, asdict(s))
     stages.run("base", build_base, workdir, s, seed)
     stages.run("rollouts", build_rollouts, workdir, s, seed, workers)
     stores = {("linspace", s.seed_K), ("steps", s.steps_K)}
@@ -95,6 +95,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="toy sizes: the same pipeline end to end in about 2 minutes")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--chain-steps", type=int, default=None,
+                   help="operations per synthetic chain (default 3; 6 makes the seed's K=6 one latent per step)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes for independent stages (default: 2, or 1 on a one-core machine)")
     p.add_argument("--ablation-seeds", default=None,
@@ -113,15 +115,26 @@ def parse_seeds(text: str | None, flag: str) -> list[int] | None:
         raise  # unreachable: require raised
 
 
+def demo_settings(quick: bool, chain_steps: int | None) -> DemoSettings:
+    """The default or `--quick` sizes; `--chain-steps N` sets the chains' length and a budget of 8 tokens per
+    step plus room for the answer."""
+    s = QUICK if quick else DemoSettings()
+    if chain_steps is None:
+        return s
+    require(1 <= chain_steps <= 12, f"--chain-steps must be between 1 and 12 (got {chain_steps})")
+    return replace(s, chain_steps=chain_steps, max_new_tokens=10 * chain_steps + 10)
+
+
 def cli_main(args) -> None:
     seeds = parse_seeds(args.ablation_seeds, "--ablation-seeds")
     require(args.workers is None or args.workers >= 1, f"--workers must be >= 1 (got {args.workers})")
     require(not (args.study and args.quick), "--study runs at the demo's default sizes; drop --quick")
-    run_demo(args.workdir, args.quick, args.seed, args.force, seeds, args.workers)
+    settings = demo_settings(args.quick, args.chain_steps)
+    run_demo(args.workdir, args.quick, args.seed, args.force, seeds, args.workers, settings)
     if args.study:
         from qthink.demo.study import run_study
 
-        run_study(args.workdir, seed=args.seed, workers=args.workers)
+        run_study(args.workdir, seed=args.seed, workers=args.workers, settings=settings)
 
 
 

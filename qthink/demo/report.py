@@ -155,7 +155,7 @@ def write_report(workdir: Path, table: str, rows: list[dict], cost: dict, settin
         if curve:
             lines.append(f"- {r['label']}: " + ", ".join(f"step {s + 1}: {100 * v:.0f}%" for s, v in curve))
     lines += ["", "## Settings", "", "```json", json.dumps(settings, indent=2), "```", "", "## Stage times (seconds)", ""]
-    lines += [f"- {name}: {v['seconds']}" for name, v in stages.items()]
+    lines += [f"- {name}: {v['seconds']}" for name, v in stages.items() if name != "settings"]
     lines += ["", "## Plots", ""]
     if curves:
         lines.append(f"![training curves]({curves.name})")

@@ -12,7 +12,7 @@ from typing import Any
 
 from qthink.errors import require
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class DemoSettings:
     lr: float = 3e-3  # LoRA + head learning rate (cosine to 0 after 3% warm-up)
     seed_K: int = 6  # latent steps of the seed's rows (linspace positions)
     eval_problems: int = 300  # held-out synthetic test problems (disjoint from training by construction)
-    max_new_tokens: int = 40  # generation budget (a thinking answer of 3 steps is about 30 tokens)
+    max_new_tokens: int = 40  # generation budget (a thinking answer of 3 steps is about 30 tokens, 8 per step)
     val_every: int = 250  # validation (64 held-out problems) every this many steps
 
     @property
@@ -74,9 +74,14 @@ def store_name(scheme: str, K: int) -> str:
 class Stages:
     """`stages.json`: which stages finished, with what they returned; a stage is run at most once."""
 
-    def __init__(self, workdir: Path, force: bool):
+    def __init__(self, workdir: Path, force: bool, settings: dict | None = None):
         self.path = workdir / "stages.json"
         self.done = {} if force or not self.path.exists() else json.loads(self.path.read_text())
+        if settings is not None:  # stages made with other sizes cannot be mixed with these
+            made_with = self.done.setdefault("settings", {"result": settings, "seconds": 0})["result"]
+            changed = sorted(k for k in settings if made_with.get(k) != settings[k])
+            require(not changed, f"{workdir} was made with other demo settings ({', '.join(changed)}); "
+                    "rerun with the same options, --force to redo it, or another --workdir")
 
     def record(self, name: str, result: Any, seconds: float) -> None:
         self.done[name] = {"result": result, "seconds": round(seconds, 1)}
@@ -114,7 +119,7 @@ def build_base(workdir: Path, s: DemoSettings, seed: int) -> dict:
 
     build_tiny_base(workdir / "tiny-base", seed=seed)
     curve = train_thinking_base(workdir / "tiny-base", workdir / "base", steps=s.base_steps,
-                                problems=s.base_problems, seed=seed)
+                                problems=s.base_problems, seed=seed, chain_steps=s.chain_steps)
     return {k: v for k, v in curve.items() if k != "losses"}
 
 
@@ -126,7 +131,9 @@ def build_rollouts(workdir: Path, s: DemoSettings, seed: int, workers: int) -> d
               "temperature": s.temperature, "top_p": 1.0, "top_k": 0, "max_new_tokens": s.max_new_tokens,
               "batch_size": 16, "seed": seed, "limit": s.train_problems, "dtype": "float32", "device": "cpu",
               "task_options": {"steps": s.chain_steps}}
-    return run_ranks(run_rollouts, kwargs, workers)
+    parts = run_ranks(run_rollouts, kwargs, workers)  # each rank's counts; rank 0 merged the file
+    return {**{k: sum(p[k] for p in parts) for k in ("problems", "rollouts", "correct", "finished", "closed_think")},
+            "total_problems": parts[0]["total_problems"]}
 
 
 def build_store(workdir: Path, scheme: str, K: int) -> dict:

@@ -13,6 +13,7 @@ they take steps evenly, first and last included (K=1: the first step, as `linspa
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from qthink.demo.report import markdown_table, spread
@@ -122,7 +123,7 @@ def run_study(workdir: str | Path = "runs/demo", seed: int = 0, workers: int | N
     workdir, s = Path(workdir), settings or DemoSettings()
     workers = workers or min(2, os.cpu_count() or 1)
     require(seed == 0, "the study reuses the demo's seed-0 fits; run the demo with --seed 0")
-    stages = Stages(workdir, force=False)
+    stages = Stages(workdir, force=False, settings=asdict(s))
     require("rollouts" in stages.done and all(f"eval-{n}" in stages.done for n in FROM_DEMO.values()),
             f"{workdir} holds no finished default `qthink demo`; run it first (the study reuses its base and fits)")
     quiet_worker()

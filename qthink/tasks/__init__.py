@@ -1,4 +1,4 @@
-"""Tasks: datasets with a prompt, a reference answer and a grader each (the contract in DESIGN.md, 4).
+"""Tasks: datasets with a prompt, a reference answer and a grader each (ARCHITECTURE.md, contract 4).
 
     task = get_task("gsm8k")
     records = task.load("test", data_path="data")      # data root, task folder or file; None: the hub

@@ -8,7 +8,7 @@ treat them the same way.
 Where a split comes from (`Task.load(split, data_path)`):
 - `data_path` is a file: it is read as that split (JSON Lines or one JSON array, whatever the extension).
 - `data_path` is a directory: each task names its split files relative to a *data root* laid out like
-  `/work/shared/data` (`Task.files`, e.g. `gsm8k/test.jsonl`). With that relative path `rel`, the
+  the benchmark data folder (`gsm8k/`, `math500/`, `math/`, `tooluse/`; `Task.files`, e.g. `gsm8k/test.jsonl`). With that relative path `rel`, the
   candidates are, in order, `<dir>/<rel>` (dir is the data root), `<dir>/<basename of rel>` (dir is the
   task's own folder) and `<dir>/../<rel>` (dir is a task folder inside a data root, which is how
   math500's train split finds `../math/train_hendrycks7500.jsonl`).
@@ -186,7 +186,7 @@ class Task:
     name: ClassVar[str] = ""
     # Names `grade` returns; the first is the headline metric.
     metrics: ClassVar[tuple[str, ...]] = ("exact_match",)
-    # split -> file path relative to a data root laid out like /work/shared/data.
+    # split -> file path relative to a data root (gsm8k/, math500/, math/, tooluse/).
     files: ClassVar[dict[str, str]] = {}
     # Fields every raw record must have, with their allowed types.
     fields: ClassVar[dict[str, type | tuple[type, ...]]] = {}

@@ -3,7 +3,7 @@
 Records: `question`, `answer` (worked solution with `<<a*b=c>>` calculator annotations, last line
 `#### <final>`), plus `id` = "<split>-<index>".
 
-Grading (see SOURCES.md, "How answers are graded"): the gold is the number after `####` with commas
+Grading: the gold is the number after `####` with commas
 removed, sign kept (SDPO's unsigned `\\d+` extraction loses negatives and turns `1,080` into `1`). The
 prediction, taken from the part after a closed think block, is the last number in the last
 `\\boxed{}` if there is one, else the last number in the text; commas and `$` are ignored and values

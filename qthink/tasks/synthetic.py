@@ -15,8 +15,9 @@ think better than it answered without thinking (27% vs 29% after 1,000 steps); w
 out it reached 56% vs 15% after 200 steps (measured, same model, data and optimizer).
 
 Splits are deterministic (seeded by split name) and disjoint whatever `n` is asked: a hash of the
-question assigns every possible problem to exactly one split (about 1 in 10 to test), and each split only
-keeps problems of its own, without repeats.
+question assigns every possible problem to exactly one split (about 1 in 10 to test, 1 in 10 to
+validation, the rest to train), and each split only keeps problems of its own, without repeats. Budgets
+are chosen on `validation`; `test` is only for the final numbers.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from qthink.tasks.base import Located, Task, split_think
 
 VARIABLES = "abcdefghijklmnopqrstuvwxyz"
 OPS = "+-*"
-DEFAULT_SIZES = {"train": 2000, "test": 300}
-TEST_SHARE = 10  # one problem in TEST_SHARE (by hash) belongs to the test split
+SHARE = 10  # by hash, one problem in SHARE belongs to test and one to validation; the rest to train
 
 
 def apply_op(value: int, op: str, operand: int) -> int:
@@ -72,7 +72,7 @@ def make_problem(rng: random.Random, steps: int) -> dict[str, Any]:
 def split_of(question: str) -> str:
     """The split a question belongs to, fixed by a stable hash (not Python's salted `hash`)."""
     digest = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16)
-    return "test" if digest % TEST_SHARE == 0 else "train"
+    return {0: "test", 1: "validation"}.get(digest % SHARE, "train")
 
 
 def generate(split: str, n: int, steps: int = 3, seed: int = 0) -> list[dict[str, Any]]:
@@ -100,18 +100,19 @@ class SyntheticTask(Task):
     name = "synthetic"
     metrics = ("exact_match",)
 
-    def __init__(self, steps: int = 3, seed: int = 0, train_size: int = 2000, test_size: int = 300) -> None:
+    def __init__(self, steps: int = 3, seed: int = 0, train_size: int = 2000, test_size: int = 300,
+                 validation_size: int = 300) -> None:
         require(
             1 <= steps < len(VARIABLES),
             f"synthetic steps must be between 1 and {len(VARIABLES) - 1}, got {steps}",
         )
         self.steps, self.seed = steps, seed
-        self.sizes = {"train": train_size, "test": test_size}
+        self.sizes = {"train": train_size, "validation": validation_size, "test": test_size}
 
     def load(
         self, split: str, data_path: str | Path | None = None, n: int | None = None
     ) -> list[dict[str, Any]]:
-        """`n` generated problems of `split` ("train" or "test"; default sizes 2000 and 300)."""
+        """`n` generated problems of `split` ("train", "validation" or "test"; default sizes 2000, 300, 300)."""
         require(
             data_path is None,
             "the synthetic task generates its problems and reads no files; drop --data-path",

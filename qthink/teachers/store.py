@@ -1,4 +1,4 @@
-"""The teacher hidden-state store (DESIGN.md contract 3): writing shards safely, reading rows lazily.
+"""The teacher hidden-state store (ARCHITECTURE.md contract 3): writing shards safely, reading rows lazily.
 
 Layout of a store directory:
 - `manifest.json`: `format_version`, `base_model`, `hidden_size`, `K`, `G`, `position_scheme`,
