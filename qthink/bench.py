@@ -17,21 +17,21 @@ their tokens equal the seed's, question by question.
 """
 
 import argparse
-import json
 import math
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from qthink.arguments import parse_decode_modes
 from qthink.errors import UserError, require
 from qthink.latent import ProjectionHead, model_parts
+from qthink.measure import timed, write_json
 from qthink.model import HEAD_PT, HEAD_ST, QThink, encode_prompts, init_checkpoint, parse_dtype
 from qthink.seed_recipe import seed_generate
+from qthink.tables import records_table
 
 SYSTEMS = ("seed", "nocache", "qthink", "think")
 
@@ -114,16 +114,6 @@ def nocache_generate(model: nn.Module, tokenizer, head: nn.Module, question: str
 
 
 # ---- measuring ----
-
-
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    """Median wall seconds of `repeats` calls of `fn` and the last call's result."""
-    times, result = [], None
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def bench_row(system: str, batch_size: int, seconds: float, tokens: list[list[int]]) -> dict:
@@ -223,32 +213,8 @@ def run_other(bench: str, base_dir: Path, work: Path, device: str | None, store:
 # ---- output ----
 
 
-def _cell(value) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-    return "" if value is None else str(value)
-
-
-def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A Markdown table of `rows` over `columns` (default: every scalar key, in first-seen order)."""
-    if columns is None:
-        columns = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, dict | list)))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 INFERENCE_COLUMNS = ["system", "batch_size", "decode_mode", "problems_per_s", "tokens_per_s", "seconds_per_problem",
                      "mean_tokens", "speedup_vs_seed", "identical_to_seed"]
-
-
-def write_json(rows: list[dict] | dict, path: str | None) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"wrote {path}")
 
 
 # ---- CLI ----
@@ -290,16 +256,6 @@ def parse_ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def parse_decode_modes(text: str) -> tuple[str, ...]:
-    """`--decode-modes`: a comma-separated subset of `qthink.latent.DECODE_MODES`, in the order given."""
-    from qthink.latent import DECODE_MODES
-
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    require(modes and set(modes) <= set(DECODE_MODES),
-            f"--decode-modes: {text!r} is not a comma-separated subset of {','.join(DECODE_MODES)}")
-    return modes
-
-
 def inference_main(args, qt: QThink) -> list[dict]:
     from qthink.tasks import get_task
 
@@ -334,5 +290,5 @@ def cli_main(args) -> None:
             if args.what in (bench, "all"):
                 rows += run_other(bench, base_dir, Path(tmp), args.device, args.store)
     columns = INFERENCE_COLUMNS if args.what == "inference" else None
-    print(markdown_table(rows, columns))
+    print(records_table(rows, columns))
     write_json(rows, args.json)

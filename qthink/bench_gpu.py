@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
-from qthink.bench import markdown_table, parse_decode_modes, timed, write_json
+from qthink.arguments import parse_decode_modes
 from qthink.errors import require
 from qthink.latent import ProjectionHead
+from qthink.measure import timed, write_json
+from qthink.tables import records_table
 
 QWEN3_1P7B = Path(__file__).resolve().parents[1] / "configs" / "qwen3-1.7b" / "model.json"
 # Dense bf16 tensor-core peaks (no sparsity); more specific names first. Other cards: --peak-tflops.
@@ -237,6 +239,6 @@ def gpu_main(args) -> None:
     for row in rows:
         row.update(bench="gpu", device=name, dtype=str(dtype).removeprefix("torch."), peak_tflops=peak,
                    hidden_size=config.hidden_size, layers=config.num_hidden_layers)
-    print(markdown_table(rows))
+    print(records_table(rows))
     out = args.json or (str(Path(os.environ["OUT"]) / "bench_gpu.json") if os.environ.get("OUT") else None)
     write_json(rows, out)

@@ -71,15 +71,6 @@ def init_main(args) -> None:
     print(f"wrote seed-format checkpoint to {out}")
 
 
-def add_decode_mode_argument(p: argparse.ArgumentParser) -> None:
-    """`--decode-mode`, shared by generate, eval and bench (the modes are `qthink.latent.DECODE_MODES`)."""
-    from qthink.latent import DECODE_MODES
-
-    p.add_argument("--decode-mode", default="dynamic", choices=DECODE_MODES,
-                   help="dynamic (default) | static (fixed-shape StaticCache) | compiled (static + torch.compile, "
-                        "CUDA graphs on CUDA; the first batch of each shape compiles, ~30 s or more)")
-
-
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="seed-format checkpoint directory or Hugging Face repo id")
     p.add_argument("-q", "--question", nargs="+", default=[], help="question(s) to answer")
@@ -87,6 +78,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-steps", type=int, default=None, help="K (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer token budget")
     p.add_argument("--batch-size", type=int, default=16, help="questions decoded together")
+    from qthink.arguments import add_decode_mode_argument
+
     add_decode_mode_argument(p)
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")

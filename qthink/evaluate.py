@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qthink.cli import add_decode_mode_argument
+from qthink.arguments import add_decode_mode_argument
 from qthink.errors import require
-from qthink.model import HEAD_PT, HEAD_ST, QThink, parse_dtype
+from qthink.model import HEAD_PT, HEAD_ST, QThink, output_text, parse_dtype
+from qthink.tables import markdown_table
 from qthink.tasks import Task, get_task, load_problems, make_task, parse_task_options, split_think
 
 MODES = ("qthink", "think", "nothink")
@@ -94,12 +95,6 @@ def choose_threads(qt: QThink, threads: int | None = None) -> int:
     elif qt.device.type == "cpu" and qt.model.config.hidden_size <= 512:
         torch.set_num_threads(1)
     return torch.get_num_threads()
-
-
-def output_text(tokenizer, token_ids: list[int], finished: bool) -> str:
-    """The decoded output without its final EOS, with `<think>`/`</think>` kept: the graders split on them,
-    and a tokenizer that marks them special (the tiny one does) would drop them with skip_special_tokens."""
-    return tokenizer.decode(token_ids[:-1] if finished else token_ids, skip_special_tokens=False)
 
 
 def generate_timed(qt: QThink, questions: list[str], latent_steps: int, max_new_tokens: int, batch_size: int,
@@ -214,8 +209,7 @@ def format_table(summaries: list[dict]) -> str:
         cell = {(s["task"], s["system"]): next(iter(s["metrics"].values())) for s in summaries}
         head = ["Benchmark", *systems]
         rows = [[task, *(_pct(cell.get((task, system))) for system in systems)] for task in tasks]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return markdown_table(head, rows)
 
 
 # ---- CLI ----

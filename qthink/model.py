@@ -248,11 +248,17 @@ class QThink(nn.Module):
             tokens, lengths, finished = gen.tokens.tolist(), gen.lengths.tolist(), gen.finished.tolist()
             for row, i in enumerate(idx):
                 ids = tokens[row][: lengths[row]]
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                text = output_text(self.tokenizer, ids, finished[row])
                 results[i] = {"question": questions[i], "answer": text, "token_ids": ids, "finished": finished[row]}
             if on_batch is not None:
                 on_batch(idx)
         return results  # type: ignore[return-value]
+
+
+def output_text(tokenizer, token_ids: list[int], finished: bool) -> str:
+    """The decoded output without its final EOS, with `<think>`/`</think>` kept: the graders split on them,
+    and a tokenizer that marks them special (the tiny one does) would drop them with skip_special_tokens."""
+    return tokenizer.decode(token_ids[:-1] if finished else token_ids, skip_special_tokens=False)
 
 
 def check_decode_mode(decode_mode: str) -> None:

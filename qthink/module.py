@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric
 
 from qthink.errors import UserError, require
 from qthink.latent import ProjectionHead, answer_hidden, answer_token_losses, generate, model_parts, think
-from qthink.model import QThink, load_base
+from qthink.model import QThink, load_base, output_text
 
 Distill = Literal["per_step", "final_step", "none"]
 Teacher = Literal["uniform", "weighted"]
@@ -314,7 +314,7 @@ class QThinkModule(L.LightningModule):
         metrics = self.eval_metrics[stage]
         samples = []
         for row, record in enumerate(batch["records"]):
-            text = tok.decode(gen.tokens[row, : gen.lengths[row]].tolist(), skip_special_tokens=True)
+            text = output_text(tok, gen.tokens[row, : gen.lengths[row]].tolist(), bool(gen.finished[row]))
             scores = task.grade(text, record)
             for name in task.metrics:
                 metrics[name].update(float(scores[name]))
@@ -328,14 +328,12 @@ class QThinkModule(L.LightningModule):
     def _log_samples(self, stage: str, samples: list[tuple]) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        def cell(s: str) -> str:
-            return str(s).replace("|", "\\|").replace("\n", " ")
+        from qthink.tables import markdown_table
 
-        rows = ["| question | output | reference | score |", "|---|---|---|---|"]
-        rows += [f"| {cell(q)} | {cell(o)} | {cell(r)} | {s} |" for q, o, r, s in samples]
+        table = markdown_table(["question", "output", "reference", "score"], [list(s) for s in samples])
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text(f"{stage}/samples", "\n".join(rows), self.global_step)
+                logger.experiment.add_text(f"{stage}/samples", table, self.global_step)
 
     # ---- optimizer ----
 

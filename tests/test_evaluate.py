@@ -12,13 +12,12 @@ from qthink.evaluate import (
     default_mode,
     evaluate,
     format_table,
-    output_text,
     prediction,
     resolve_targets,
     split_mode,
     summarize,
 )
-from qthink.model import QThink, init_checkpoint
+from qthink.model import QThink, init_checkpoint, output_text
 from qthink.tasks import get_task
 
 PRED_FIELDS = {"problem_id", "prompt", "output", "tokens", "correct", "exact_match", "seconds", "finished"}

@@ -16,9 +16,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from qthink.demo.report import markdown_table, spread
+from qthink.demo.report import spread
 from qthink.demo.stages import DemoSettings, Stages, build_store, evaluate_system, fit_student, store_name
 from qthink.errors import require
+from qthink.tables import markdown_table
 
 SCHEMES = ("linspace", "steps")
 KS = (1, 2, 3, 6)

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qthink.cli import add_decode_mode_argument
+from qthink.arguments import add_decode_mode_argument
 from qthink.errors import UserError, require
 from qthink.latent import generate
-from qthink.model import check_decode_mode, encode_prompts, left_pad, load_base, parse_dtype
+from qthink.model import check_decode_mode, encode_prompts, left_pad, load_base, output_text, parse_dtype
 from qthink.sampling import Sampler, row_seed
 from qthink.teachers import distributed
 from qthink.teachers.store import atomic_write_text
@@ -225,8 +225,7 @@ def sample_group(model, tokenizer, prompts: list[list[int]], indices: list[int],
         for j in range(G):
             row = p * G + j
             ids = tokens[row, : lengths[row]].tolist()
-            shown = ids[:-1] if finished[row] else ids  # the text leaves out the closing EOS
-            samples.append({"token_ids": ids, "text": tokenizer.decode(shown, skip_special_tokens=False),
+            samples.append({"token_ids": ids, "text": output_text(tokenizer, ids, finished[row]),
                             "finished": bool(finished[row])})
         out.append(samples)
     return out
