@@ -46,8 +46,10 @@ def results_table(rows: list[dict]) -> str:
 
 
 def spread(values: list[float]) -> str:
-    """`mean ± std (min–max)` of percentages."""
+    """`mean ± std (min–max)` of percentages (one value: just the value)."""
     v = [100 * x for x in values]
+    if len(v) == 1:
+        return f"{v[0]:.1f}%"
     std = statistics.stdev(v) if len(v) > 1 else 0.0
     return f"{statistics.mean(v):.1f}% ± {std:.1f} ({min(v):.1f}–{max(v):.1f})"
 

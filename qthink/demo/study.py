@@ -90,13 +90,15 @@ def plot_study(scores: dict[tuple[str, int, int], list[float]], s: DemoSettings,
         v = [100 * x for x in scores[key]]
         return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0
 
+    colors = {"linspace": "C0", "steps": "C1", "sft": "grey"}
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     n_max = max(PROBLEMS)
     for scheme in SCHEMES:
         m = [mean_std((scheme, K, n_max)) for K in KS]
-        left.errorbar(KS, [x for x, _ in m], yerr=[e for _, e in m], marker="o", capsize=3, label=scheme)
+        left.errorbar(KS, [x for x, _ in m], yerr=[e for _, e in m], marker="o", capsize=3, label=scheme,
+                      color=colors[scheme])
     sft, _ = mean_std(("sft", 0, n_max))
-    left.axhline(sft, color="grey", linestyle="--", label="SFT (K=0)")
+    left.axhline(sft, color=colors["sft"], linestyle="--", label="SFT (K=0)")
     left.set(xlabel="latent steps K", ylabel="exact match (%)", xticks=KS, ylim=(0, 102),
              title=f"{n_max:,} distinct problems, {s.chain_steps}-step chains")
     left.legend(fontsize=8)
@@ -104,9 +106,11 @@ def plot_study(scores: dict[tuple[str, int, int], list[float]], s: DemoSettings,
                              ("sft", 0, "SFT")):
         m = [mean_std((scheme, K, n)) for n in PROBLEMS]
         right.errorbar(PROBLEMS, [x for x, _ in m], yerr=[e for _, e in m], marker="o", capsize=3, label=label,
-                       linestyle="--" if scheme == "sft" else "-")
-    right.set(xlabel="distinct training problems", ylabel="exact match (%)", xscale="log", xticks=PROBLEMS,
-              xticklabels=[f"{n // 1000}k" for n in PROBLEMS], ylim=(0, 102), title="exact match vs problems")
+                       linestyle="--" if scheme == "sft" else "-", color=colors[scheme])
+    right.set(xlabel="distinct training problems", ylabel="exact match (%)", xscale="log", ylim=(0, 102),
+              title=f"exact match vs problems (bars: std, {len(HEADLINE_SEEDS)} seeds at 8k)")
+    right.set_xticks(PROBLEMS, [f"{n // 1000}k" for n in PROBLEMS])
+    right.minorticks_off()
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
