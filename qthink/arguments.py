@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import argparse
 
+from qthink.core.latent import DECODE_MODES
 from qthink.errors import require
-from qthink.latent import DECODE_MODES
 
 
 def add_decode_mode_argument(p: argparse.ArgumentParser) -> None:
-    """`--decode-mode`, shared by generate, eval and rollouts (the modes are `qthink.latent.DECODE_MODES`)."""
+    """`--decode-mode`, shared by generate, eval and rollouts (the modes are `qthink.core.latent.DECODE_MODES`)."""
     p.add_argument("--decode-mode", default="dynamic", choices=DECODE_MODES,
                    help="dynamic (default) | static (fixed-shape StaticCache) | compiled (static + torch.compile, "
                         "CUDA graphs on CUDA; the first batch of each shape compiles, ~30 s or more)")
 
 
 def parse_decode_modes(text: str) -> tuple[str, ...]:
-    """`--decode-modes`: a comma-separated subset of `qthink.latent.DECODE_MODES`, in the order given."""
+    """`--decode-modes`: a comma-separated subset of `qthink.core.latent.DECODE_MODES`, in the order given."""
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
     require(bool(modes) and set(modes) <= set(DECODE_MODES),
             f"--decode-modes: {text!r} is not a comma-separated subset of {','.join(DECODE_MODES)}")

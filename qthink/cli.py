@@ -1,6 +1,6 @@
 """The `qthink` command: one subcommand per pipeline stage (ARCHITECTURE.md contract 4).
 
-`fit`, `validate` and `test` are LightningCLI (`qthink.train_cli`); every other subcommand lives in the
+`fit`, `validate` and `test` are LightningCLI (`qthink.training.lightning_cli`); every other subcommand lives in the
 module that implements it, which exposes `add_cli_arguments(parser)` and `cli_main(args) -> int | None`.
 User mistakes raise `qthink.errors.UserError` and are printed here as one line, exit status 2.
 """
@@ -23,7 +23,7 @@ COMMANDS = {
     "export": ("qthink.export", "merge a Lightning checkpoint's LoRA and write a seed-format checkpoint"),
     "eval": ("qthink.evaluate", "evaluate checkpoints / base models on a benchmark"),
     "demo": ("qthink.demo", "the whole method end to end on a tiny model, on CPU"),
-    "bench": ("qthink.bench", "measure speed and memory against the seed recipe and alternatives"),
+    "bench": ("qthink.bench.inference", "measure speed and memory against the seed recipe and alternatives"),
 }
 LIGHTNING = ("fit", "validate", "test")
 
@@ -48,7 +48,7 @@ def add_tiny_base_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def tiny_base_main(args) -> None:
-    from qthink.tiny import build_tiny_base
+    from qthink.core.tiny import build_tiny_base
 
     out = build_tiny_base(args.out, args.seed, args.hidden_size, args.layers)
     print(f"wrote tiny Qwen3 base to {out}")
@@ -63,7 +63,7 @@ def add_init_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def init_main(args) -> None:
-    from qthink.model import init_checkpoint
+    from qthink.core.model import init_checkpoint
 
     if args.latent_steps < 0:
         raise UserError(f"--latent-steps must be >= 0 (got {args.latent_steps})")
@@ -112,8 +112,8 @@ def generate_main(args) -> None:
 
     import torch
 
-    from qthink.compat import default_device
-    from qthink.model import QThink, parse_dtype
+    from qthink.core.compat import default_device
+    from qthink.core.model import QThink, parse_dtype
 
     questions = list(args.question) + (read_questions(args.input) if args.input else [])
     if not questions:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         quiet_libraries()
         if name in LIGHTNING:
-            from qthink.train_cli import run_lightning_cli
+            from qthink.training.lightning_cli import run_lightning_cli
 
             run_lightning_cli(argv)
             return 0

@@ -24,8 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from qthink.arguments import add_decode_mode_argument
+from qthink.core.model import HEAD_PT, HEAD_ST, QThink, output_text, parse_dtype
 from qthink.errors import require
-from qthink.model import HEAD_PT, HEAD_ST, QThink, output_text, parse_dtype
 from qthink.tables import markdown_table
 from qthink.tasks import Task, get_task, load_problems, make_task, parse_task_options, split_think
 
@@ -239,7 +239,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args) -> None:
-    from qthink.compat import default_device
+    from qthink.core.compat import default_device
 
     targets = resolve_targets(args.targets, args.mode, args.name)
     task = make_task(args.task, parse_task_options(args.task_option))

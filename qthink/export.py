@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from qthink.core.model import QThink, parse_dtype
 from qthink.errors import UserError, require
-from qthink.model import QThink, parse_dtype
-from qthink.module import QThinkModule
+from qthink.training.module import QThinkModule
 
 HPARAM_EXTRAS = ("_instantiator", "_class_path")  # LightningCLI bookkeeping, not constructor arguments
 

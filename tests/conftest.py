@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qthink.core.tiny import build_tiny_base
 from qthink.teachers.store import write_manifest, write_shard
-from qthink.tiny import build_tiny_base
 
 # The tiny models are far too small for intra-op parallelism to pay; with a second thread, a busy 2-core
 # machine makes OpenMP threads wait on each other (a step went from 0.1 s to 4 s when measured).

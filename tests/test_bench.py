@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from qthink.bench import (
+from qthink.bench.gpu import QWEN3_1P7B, train_flops
+from qthink.bench.inference import (
     flatten_result,
     nocache_generate,
     spread_weights,
     tiny_qthink,
 )
-from qthink.bench_gpu import QWEN3_1P7B, train_flops
+from qthink.bench.seed_recipe import seed_generate
 from qthink.cli import main
-from qthink.seed_recipe import seed_generate
 
 ROW_FIELDS = {"system", "batch_size", "problems_per_s", "tokens_per_s", "seconds_per_problem", "speedup_vs_seed"}
 
@@ -50,7 +50,7 @@ def test_nocache_recipe_equals_seed_recipe(qt):
 
 
 def test_spread_weights_makes_outputs_depend_on_the_prompt(tiny_base):
-    from qthink.model import QThink
+    from qthink.core.model import QThink
 
     questions = [f"a={i} b=a+{j} b?" for i in range(4) for j in range(1, 4)]
     plain = QThink.for_base(tiny_base, torch.float32)
@@ -59,7 +59,7 @@ def test_spread_weights_makes_outputs_depend_on_the_prompt(tiny_base):
     std = plain.model.get_input_embeddings().weight.std().item()
     assert abs(std - 2 / math.sqrt(plain.model.config.hidden_size)) < 0.01
     spread = {tuple(r["token_ids"]) for r in plain.generate(questions, 0, 4, batch_size=12)}
-    # the tiny base is already drawn at 1/fan_in (qthink.tiny.redraw_weights); spreading to 2/fan_in changes
+    # the tiny base is already drawn at 1/fan_in (qthink.core.tiny.redraw_weights); spreading to 2/fan_in changes
     # what it says and keeps its outputs prompt-dependent
     assert 2 < len(spread) and spread != first
 
@@ -87,7 +87,7 @@ def test_flatten_other_bench_results():
 
 
 def test_bench_all_one_table(tmp_path, capsys):
-    """inference + train (qthink.train_bench) + teachers (qthink.teachers.extract): one table, one JSON."""
+    """inference + train (qthink.bench.train) + teachers (qthink.teachers.extract): one table, one JSON."""
     out = tmp_path / "all.json"
     assert main(["bench", "all", "--problems", "3", "--max-new-tokens", "4", "--batch-sizes", "3", "--repeats", "1",
                  "--systems", "seed,qthink", "--json", str(out)]) == 0

@@ -4,10 +4,10 @@ sampler, and one-line errors for stores that do not fit the model."""
 import pytest
 import torch
 
-from qthink.data import ResumableDataLoader, ResumableSampler, TeacherDataModule, collate_train
+from qthink.core.model import encode_prompts
 from qthink.errors import UserError
-from qthink.model import encode_prompts
 from qthink.tasks import get_task
+from qthink.training.data import ResumableDataLoader, ResumableSampler, TeacherDataModule, collate_train
 
 
 def datamodule(store, base, **kwargs) -> TeacherDataModule:

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from qthink.bench import spread_weights
+from qthink.bench.inference import spread_weights
 from qthink.cli import main
+from qthink.core.model import QThink, init_checkpoint, output_text
 from qthink.evaluate import (
     default_mode,
     evaluate,
@@ -17,7 +18,6 @@ from qthink.evaluate import (
     split_mode,
     summarize,
 )
-from qthink.model import QThink, init_checkpoint, output_text
 from qthink.tasks import get_task
 
 PRED_FIELDS = {"problem_id", "prompt", "output", "tokens", "correct", "exact_match", "seconds", "finished"}

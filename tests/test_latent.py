@@ -2,7 +2,7 @@
 reproducible when sampling, differentiable through every latent step; `qthink generate` end to end.
 
 The model is the tiny real Qwen3 wrapped by `init_checkpoint`, float32 on CPU, with weights redrawn at
-std 2/sqrt(fan_in) (`qthink.bench.spread_weights`): a default-initialised tiny model repeats one token
+std 2/sqrt(fan_in) (`qthink.bench.inference.spread_weights`): a default-initialised tiny model repeats one token
 whatever it attends to, which would hide masking and position errors from a token-equality test.
 """
 
@@ -16,14 +16,14 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from qthink.bench import spread_weights
+from qthink.bench.inference import spread_weights
+from qthink.bench.seed_recipe import seed_generate
 from qthink.cli import main
+from qthink.core.kv_cache import ReservedLayer, static_capacity
+from qthink.core.latent import decode, generate, think
+from qthink.core.model import HEAD_PT, HEAD_ST, QThink, encode_prompts, init_checkpoint, left_pad
+from qthink.core.sampling import Sampler
 from qthink.errors import UserError
-from qthink.kv_cache import ReservedLayer, static_capacity
-from qthink.latent import decode, generate, think
-from qthink.model import HEAD_PT, HEAD_ST, QThink, encode_prompts, init_checkpoint, left_pad
-from qthink.sampling import Sampler
-from qthink.seed_recipe import seed_generate
 
 WORDS = ("the a of to and in is it what how many sum total left step a=3 b=a+4 c=b*2 d? x y 7 8 9 + - * "
          "( ) ? ! . , json tool Action: {\"id\": 12} überall 東京").split()
@@ -221,7 +221,7 @@ def broken_checkpoints(ckpt, tiny_base, root):
 
     from safetensors.torch import save_file
 
-    from qthink.latent import ProjectionHead
+    from qthink.core.latent import ProjectionHead
 
     def copy(name):
         return shutil.copytree(ckpt, root / name)

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from qthink.data import ResumableSampler, TeacherDataModule
+from qthink.core.model import QThink
 from qthink.export import export_checkpoint
-from qthink.model import QThink
-from qthink.module import NonFiniteLossError, QThinkModule, distill_term, l1_per_step, lr_factor
 from qthink.teachers.store import TeacherStore
+from qthink.training.data import ResumableSampler, TeacherDataModule
+from qthink.training.module import NonFiniteLossError, QThinkModule, distill_term, l1_per_step, lr_factor
 
 QUESTIONS = ["a=3 b=a+4 c=b*2 d=c+5 d?", "a=1 b=a*3 c=b-2 d=c+9 d?", "a=7 b=a+1 c=b+1 d=c*2 d?"]
 
@@ -196,7 +196,7 @@ def test_resume_is_exact_checkpoints_are_small_and_export_generates_the_same(tea
 
 
 def test_bench_train_batched_step_has_the_seed_schedules_gradient(teacher_store, tiny_base):
-    from qthink.train_bench import bench_train
+    from qthink.bench.train import bench_train
 
     result = bench_train(str(tiny_base), str(teacher_store), batch_size=4, repeats=1, distill="none")
     assert result["batched"]["samples_per_s"] > 0 and result["seed_accumulated"]["samples_per_s"] > 0

@@ -129,9 +129,9 @@ def test_task_options_are_recorded_and_limits_above_the_default_split_are_honour
     """`--task-option steps=2` reaches the task and the manifest; `--limit` beyond the synthetic split's
     default size (2,000) gives that many problems instead of silently 2,000; the data module reads the
     rollouts' task options back."""
-    from qthink.data import TeacherDataModule
     from qthink.tasks import get_task, load_problems
     from qthink.teachers.extract import build_teachers
+    from qthink.training.data import TeacherDataModule
 
     assert len(load_problems(get_task("synthetic"), "train", None, 2500)) == 2500
     out = tmp_path / "r"

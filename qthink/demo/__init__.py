@@ -6,7 +6,7 @@
 Stages (each resumable: a finished stage is recorded in `<workdir>/stages.json` and skipped on rerun;
 `--force` redoes everything; `qthink.demo.stages`):
 1. `base`: `qthink tiny-base`, then a short supervised stage teaching it to think on synthetic chains
-   (`qthink.thinking_base`), so it is "a base model that thinks" (both chat modes).
+   (`qthink.demo.thinking_base`), so it is "a base model that thinks" (both chat modes).
 2. `rollouts`: G sampled chain-of-thought rollouts per training problem (`qthink rollouts`, split over
    the worker processes as `torchrun` would), hot enough that some are wrong.
 3. `teachers-*`: the seed's store (K=6, `linspace` positions) and the `steps` store (one position per

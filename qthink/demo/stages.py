@@ -114,8 +114,8 @@ class Stages:
 
 
 def build_base(workdir: Path, s: DemoSettings, seed: int) -> dict:
-    from qthink.thinking_base import train_thinking_base
-    from qthink.tiny import build_tiny_base
+    from qthink.core.tiny import build_tiny_base
+    from qthink.demo.thinking_base import train_thinking_base
 
     build_tiny_base(workdir / "tiny-base", seed=seed)
     curve = train_thinking_base(workdir / "tiny-base", workdir / "base", steps=s.base_steps,
@@ -170,7 +170,7 @@ def fit_student(workdir: Path, s: DemoSettings, name: str, variant: str | None, 
     validation curve."""
     from qthink.demo.report import read_scalars
     from qthink.export import export_checkpoint
-    from qthink.train_cli import run_lightning_cli
+    from qthink.training.lightning_cli import run_lightning_cli
 
     require((CONFIGS / "qthink.yaml").is_file(), f"{CONFIGS} not found: run the demo from a source checkout "
             "(pip install -e .)")

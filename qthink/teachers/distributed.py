@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from qthink.compat import default_device
+from qthink.core.compat import default_device
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from qthink.core.latent import model_parts
+from qthink.core.model import encode_prompts, load_base, parse_dtype
 from qthink.errors import UserError, require
-from qthink.latent import model_parts
-from qthink.model import encode_prompts, load_base, parse_dtype
 from qthink.teachers import distributed
 from qthink.teachers.positions import SCHEMES, content_positions, think_span
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts

@@ -2,7 +2,7 @@
 
     qthink rollouts --base Qwen/Qwen3-1.7B --task gsm8k --data-path data --out rollouts -G 16
 
-Each prompt is the task's question as one user turn with thinking enabled; `qthink.latent.generate`
+Each prompt is the task's question as one user turn with thinking enabled; `qthink.core.latent.generate`
 (with 0 latent steps) prefills it once and expands its cache G times. Row (problem i, sample j) draws its
 noise from `row_seed(seed, i, j)`, and batches are fixed groups of `--batch-size` consecutive problems,
 so the output does not depend on how the run was split, resumed or spread over ranks.
@@ -25,10 +25,10 @@ import torch
 from tqdm import tqdm
 
 from qthink.arguments import add_decode_mode_argument
+from qthink.core.latent import generate
+from qthink.core.model import check_decode_mode, encode_prompts, left_pad, load_base, output_text, parse_dtype
+from qthink.core.sampling import Sampler, row_seed
 from qthink.errors import UserError, require
-from qthink.latent import generate
-from qthink.model import check_decode_mode, encode_prompts, left_pad, load_base, output_text, parse_dtype
-from qthink.sampling import Sampler, row_seed
 from qthink.teachers import distributed
 from qthink.teachers.store import atomic_write_text
 

@@ -2,9 +2,9 @@
 
     loss = CE(answer | prompt, K latents) + gamma * sum_k L1(h_k, t_k)
 
-`h_k` is the student's hidden state after latent step k (`qthink.latent.think`), `t_k` the teacher state
+`h_k` is the student's hidden state after latent step k (`qthink.core.latent.think`), `t_k` the teacher state
 for that step from the teacher store (uniform or reward-weighted mean over rollouts). The latent loop,
-the answer pass and the chunked cross-entropy are `qthink.latent`'s; this module only adds the losses,
+the answer pass and the chunked cross-entropy are `qthink.core.latent`'s; this module only adds the losses,
 the optimizer, metrics, and checkpoints that hold the trainable weights alone.
 
 Precision comes from the Trainer (`bf16-mixed` on GPUs): weights are loaded in float32, so the LoRA
@@ -25,9 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from qthink.core.latent import (
+    ProjectionHead,
+    answer_hidden,
+    answer_token_losses,
+    generate,
+    model_parts,
+    think,
+)
+from qthink.core.model import QThink, load_base, output_text
 from qthink.errors import UserError, require
-from qthink.latent import ProjectionHead, answer_hidden, answer_token_losses, generate, model_parts, think
-from qthink.model import QThink, load_base, output_text
 
 Distill = Literal["per_step", "final_step", "none"]
 Teacher = Literal["uniform", "weighted"]

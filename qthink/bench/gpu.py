@@ -5,7 +5,7 @@ model with random weights (the GPU machines have no network, so no real weights)
     qthink bench gpu --small                            (tiny shape on CPU: a smoke test for the suite)
 
 Training goes through the real code path (`QThinkModule.configure_model` + `compute_losses` + backward,
-LoRA r=32 + head) at prompt 1024 / K=6 / answer 256; inference through `qthink.latent.generate` at batch 64, once
+LoRA r=32 + head) at prompt 1024 / K=6 / answer 256; inference through `qthink.core.latent.generate` at batch 64, once
 per `--decode-modes` mode (default `dynamic,compiled`: the growing cache, and the static cache under
 torch.compile with CUDA graphs), each row saying how many of its tokens equal the first mode's.
 """
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from qthink.arguments import parse_decode_modes
+from qthink.core.latent import ProjectionHead
 from qthink.errors import require
-from qthink.latent import ProjectionHead
 from qthink.measure import timed, write_json
 from qthink.tables import records_table
 
-QWEN3_1P7B = Path(__file__).resolve().parents[1] / "configs" / "qwen3-1.7b" / "model.json"
+QWEN3_1P7B = Path(__file__).resolve().parents[2] / "configs" / "qwen3-1.7b" / "model.json"
 # Dense bf16 tensor-core peaks (no sparsity); more specific names first. Other cards: --peak-tflops.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 SMALL = {"batch_size": 2, "prompt_tokens": 32, "answer_tokens": 8, "latent_steps": 6, "lora_r": 4, "steps": 1,
@@ -65,7 +65,7 @@ def write_random_base(config, out: Path, dtype: torch.dtype, device: torch.devic
     """A loadable model directory with random weights of `config`'s shape (tokenizer: the tiny one's)."""
     from transformers import AutoModelForCausalLM
 
-    from qthink.tiny import build_tokenizer
+    from qthink.core.tiny import build_tokenizer
 
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the GPU: 1.7B normal_ draws on a CPU take minutes
@@ -77,9 +77,9 @@ def write_random_base(config, out: Path, dtype: torch.dtype, device: torch.devic
 
 def latent_inference(model, device: torch.device, batch: int, prompt: int, new_tokens: int, latent_steps: int,
                      decode_mode: str = "dynamic") -> tuple[dict, torch.Tensor]:
-    """Throughput of `qthink.latent.generate` (prompt -> K latents -> answer) on random prompts, and its tokens;
+    """Throughput of `qthink.core.latent.generate` (prompt -> K latents -> answer) on random prompts, and its tokens;
     EOS is never matched, so every row decodes `new_tokens`. The first, untimed call compiles (`compiled`)."""
-    from qthink.latent import generate, think
+    from qthink.core.latent import generate, think
 
     torch.manual_seed(0)
     head = ProjectionHead(model.config.hidden_size).to(device, model.dtype).eval()
@@ -114,8 +114,8 @@ def inference_rows(base: Path, device: torch.device, dtype: torch.dtype, sizes: 
     """One `latent_inference` row per decode mode; a mode that fails (a compiler error on this card) gives a
     row with its `error` instead of ending the bench, and `speedup_vs_first`/`tokens_equal_first` compare each
     row with the first mode's."""
-    from qthink.kv_cache import release_static_cache
-    from qthink.model import load_base
+    from qthink.core.kv_cache import release_static_cache
+    from qthink.core.model import load_base
 
     model, _ = load_base(str(base), dtype)
     model.to(device)
@@ -148,7 +148,7 @@ def training_step_speed(base: Path, device: torch.device, batch: int, prompt: in
     data, under bf16 autocast on CUDA (the Trainer's bf16-mixed: float32 weights, bf16 matmuls)."""
     import contextlib
 
-    from qthink.module import LoraArgs, QThinkModule
+    from qthink.training.module import LoraArgs, QThinkModule
 
     module = QThinkModule(str(base), lora=LoraArgs(r=lora_r, alpha=max(1, lora_r // 2)), latent_steps=latent_steps)
     module.configure_model()
@@ -201,7 +201,7 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--infer-prompt-tokens", type=int, default=256)
     p.add_argument("--infer-new-tokens", type=int, default=256)
     p.add_argument("--decode-modes", default="dynamic,compiled", help="inference decode modes, comma-separated "
-                   "(dynamic, static, compiled: see qthink.latent); the first is the reference")
+                   "(dynamic, static, compiled: see qthink.core.latent); the first is the reference")
     p.add_argument("--peak-tflops", type=float, default=None, help="card's dense bf16 peak (default: known cards)")
     p.add_argument("--small", action="store_true", help="tiny shape and sizes; runs on CPU (smoke test)")
     p.add_argument("--json", default=None, help="output JSON (default: $OUT/bench_gpu.json when $OUT is set)")
@@ -212,7 +212,7 @@ def gpu_main(args) -> None:
 
     from transformers import AutoConfig
 
-    from qthink.tiny import tiny_config
+    from qthink.core.tiny import tiny_config
 
     require(args.small or torch.cuda.is_available(), "qthink bench gpu needs a CUDA GPU and torch sees none "
             "(torch.cuda.is_available() is False); run `qthink bench gpu --small` for a CPU smoke test")

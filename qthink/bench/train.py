@@ -1,7 +1,7 @@
 """`bench_train`: the batched training step against the seed's batch-1 x B accumulation, on the same problems.
 
 The seed trains at batch 1 with 16-step gradient accumulation. `QThinkModule` runs the latent loop on a
-left-padded batch (`qthink.latent.think`), so B problems take one prompt pass, K latent passes and one
+left-padded batch (`qthink.core.latent.think`), so B problems take one prompt pass, K latent passes and one
 answer pass instead of B of each. Its CE is a per-row mean, so at equal data both schedules compute the
 same gradient (exactly when every row has a valid teacher: the batched L1 averages over valid rows, the
 seed's over all rows). This measures samples/s and peak memory of one optimizer step each way, and the
@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import psutil
 import torch
 
-from qthink.data import TeacherDataModule, collate_train
-from qthink.module import QThinkModule
+from qthink.training.data import TeacherDataModule, collate_train
+from qthink.training.module import QThinkModule
 
 
 class _MallInfo2(ctypes.Structure):

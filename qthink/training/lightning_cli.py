@@ -19,9 +19,9 @@ from pathlib import Path
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
-from qthink.data import TeacherDataModule
 from qthink.errors import require
-from qthink.module import QThinkModule
+from qthink.training.data import TeacherDataModule
+from qthink.training.module import QThinkModule
 
 TRAINER_DEFAULTS = {"use_distributed_sampler": False}  # TeacherDataModule shards the data itself, resumably
 

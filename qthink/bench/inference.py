@@ -5,10 +5,10 @@
     qthink bench gpu [--small]                   (Qwen3-1.7B shape, random weights, CUDA; `gpu_main`)
 
 `inference` runs on the same synthetic test questions, in one process, all greedy with the same budgets:
-- `seed`:    the seed's published recipe, one question at a time (`qthink.seed_recipe`), the baseline;
+- `seed`:    the seed's published recipe, one question at a time (`qthink.bench.seed_recipe`), the baseline;
 - `nocache`: Coconut-style recompute (batch 1, no KV cache: every step re-runs the whole prefix);
 - `qthink`:  the batched latent loop (`QThink.generate`) at each batch size, in each `--decode-modes` mode
-             (`dynamic`, `static`, `compiled`: see `qthink.latent`; rows carry `decode_mode`);
+             (`dynamic`, `static`, `compiled`: see `qthink.core.latent`; rows carry `decode_mode`);
 - `think`:   the base model with its visible chain of thought (K = 0, `enable_thinking=True`), batched
              at the largest batch size.
 Timings are `time.perf_counter` medians over repeats after one warm-up call per system; every system
@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from qthink.arguments import parse_decode_modes
+from qthink.bench.seed_recipe import seed_generate
+from qthink.core.latent import ProjectionHead, model_parts
+from qthink.core.model import HEAD_PT, HEAD_ST, QThink, encode_prompts, init_checkpoint, parse_dtype
 from qthink.errors import UserError, require
-from qthink.latent import ProjectionHead, model_parts
 from qthink.measure import timed, write_json
-from qthink.model import HEAD_PT, HEAD_ST, QThink, encode_prompts, init_checkpoint, parse_dtype
-from qthink.seed_recipe import seed_generate
 from qthink.tables import records_table
 
 SYSTEMS = ("seed", "nocache", "qthink", "think")
@@ -57,8 +57,8 @@ def spread_weights(module: nn.Module, seed: int) -> nn.Module:
 
 
 def tiny_qthink(workdir: str | Path, seed: int = 0, latent_steps: int = 6) -> QThink:
-    """The tiny base (`qthink.tiny`) wrapped by `init_checkpoint`, weights spread (see `spread_weights`)."""
-    from qthink.tiny import build_tiny_base
+    """The tiny base (`qthink.core.tiny`) wrapped by `init_checkpoint`, weights spread (see `spread_weights`)."""
+    from qthink.core.tiny import build_tiny_base
 
     workdir = Path(workdir)
     base = build_tiny_base(workdir / "base", seed)
@@ -92,7 +92,7 @@ def nocache_generate(model: nn.Module, tokenizer, head: nn.Module, question: str
     """Coconut's inference, batch 1 without a KV cache: each latent step and each answer token re-runs the
     decoder over the whole prefix (prompt embeddings + latents + tokens so far), so a step costs O(length).
 
-    This is a separate loop on purpose: it is the baseline the cached loop (`qthink.latent`) replaces, and
+    This is a separate loop on purpose: it is the baseline the cached loop (`qthink.core.latent`) replaces, and
     the one thing it must not share with it is the cache.
     """
     decoder, lm_head, embed = model_parts(model)
@@ -199,12 +199,12 @@ def teacher_store(base_dir: Path, work: Path, device: str | None) -> Path:
 
 
 def run_other(bench: str, base_dir: Path, work: Path, device: str | None, store: str | None = None) -> list[dict]:
-    """`bench_teachers` (qthink.teachers.extract) or `bench_train` (qthink.train_bench) on `base_dir`."""
+    """`bench_teachers` (qthink.teachers.extract) or `bench_train` (qthink.bench.train) on `base_dir`."""
     if bench == "teachers":
         from qthink.teachers.extract import bench_teachers
 
         return flatten_result(bench, bench_teachers(str(base_dir), device=device))
-    from qthink.train_bench import bench_train
+    from qthink.bench.train import bench_train
 
     store = store or str(teacher_store(base_dir, work, device))
     return flatten_result(bench, bench_train(str(base_dir), store, device=device))
@@ -239,10 +239,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     infer.add_argument("--decode-modes", default="dynamic",
                        help="qthink decode modes to time, comma-separated: dynamic,static,compiled")
     sub.add_parser("inference", parents=[common, infer], help="seed vs nocache vs qthink vs think")
-    sub.add_parser("train", parents=[common], help="training step, batched vs 1 x B (qthink.train_bench)")
+    sub.add_parser("train", parents=[common], help="training step, batched vs 1 x B (qthink.bench.train)")
     sub.add_parser("teachers", parents=[common], help="teacher extraction (qthink.teachers.extract)")
     sub.add_parser("all", parents=[common, infer], help="inference, train and teachers: one table")
-    from qthink.bench_gpu import add_gpu_arguments
+    from qthink.bench.gpu import add_gpu_arguments
 
     add_gpu_arguments(sub.add_parser("gpu", help="Qwen3-1.7B shape on a CUDA GPU (--small: CPU smoke test)"))
 
@@ -272,10 +272,10 @@ def inference_main(args, qt: QThink) -> list[dict]:
 
 
 def cli_main(args) -> None:
-    from qthink.compat import default_device
+    from qthink.core.compat import default_device
 
     if args.what == "gpu":
-        from qthink.bench_gpu import gpu_main
+        from qthink.bench.gpu import gpu_main
 
         return gpu_main(args)
     from qthink.evaluate import choose_threads

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qthink.model import encode_prompts, load_base
+from qthink.core.model import encode_prompts, load_base
 from qthink.tasks import get_task
 
 

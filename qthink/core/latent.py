@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from qthink.compat import cache_kwargs, new_cache
-from qthink.kv_cache import reserve_cache, static_cache, static_capacity
-from qthink.sampling import Sampler
+from qthink.core.compat import cache_kwargs, new_cache
+from qthink.core.kv_cache import reserve_cache, static_cache, static_capacity
+from qthink.core.sampling import Sampler
 
 
 class ProjectionHead(nn.Module):

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from qthink.core.latent import DECODE_MODES, ProjectionHead, generate
+from qthink.core.sampling import Sampler, row_seed
 from qthink.errors import UserError, require
-from qthink.latent import DECODE_MODES, ProjectionHead, generate
-from qthink.sampling import Sampler, row_seed
 
 HEAD_PT, HEAD_ST, META = "projection_head.pt", "projection_head.safetensors", "qthink.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -224,7 +224,7 @@ class QThink(nn.Module):
         Batches are formed from questions of similar length (less padding); results do not depend on
         batching. Greedy unless `sampler_seed` is given. `on_batch(indices)` is called after each batch with
         the positions in `questions` it answered (progress bars, per-batch timing). `decode_mode`: `dynamic`,
-        `static` or `compiled` (static cache + torch.compile; CUDA graphs on CUDA), see `qthink.latent`.
+        `static` or `compiled` (static cache + torch.compile; CUDA graphs on CUDA), see `qthink.core.latent`.
         """
         require(len(questions) > 0, "no questions given: pass -q QUESTION or --input FILE.jsonl")
         require(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
@@ -262,7 +262,7 @@ def output_text(tokenizer, token_ids: list[int], finished: bool) -> str:
 
 
 def check_decode_mode(decode_mode: str) -> None:
-    """A one-line user error unless `decode_mode` is one of `qthink.latent.DECODE_MODES`."""
+    """A one-line user error unless `decode_mode` is one of `qthink.core.latent.DECODE_MODES`."""
     require(decode_mode in DECODE_MODES, f"--decode-mode must be one of {', '.join(DECODE_MODES)} (got {decode_mode!r})")
 
 

@@ -1,4 +1,4 @@
-"""How the KV cache is held during inference, for the latent loop (`qthink.latent`).
+"""How the KV cache is held during inference, for the latent loop (`qthink.core.latent`).
 
 - `ReservedLayer` / `reserve_cache`: the `dynamic` decode mode's cache, a `DynamicLayer` whose buffer has spare
   positions, so a token's keys and values are written in place instead of `torch.cat`-ing the whole cache.

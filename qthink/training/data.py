@@ -25,8 +25,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from qthink.core.model import encode_prompts, left_pad
 from qthink.errors import UserError, require
-from qthink.model import encode_prompts, left_pad
 from qthink.tasks import load_problems
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
 from qthink.teachers.store import TeacherStore
@@ -35,7 +35,7 @@ from qthink.teachers.store import TeacherStore
 
 
 def load_tokenizer(base_model: str, trust_remote_code: bool = False):
-    """The base model's tokenizer (pad falls back to EOS, as in `qthink.model.load_base`)."""
+    """The base model's tokenizer (pad falls back to EOS, as in `qthink.core.model.load_base`)."""
     from transformers import AutoTokenizer
 
     try:

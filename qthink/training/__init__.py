@@ -1,0 +1,1 @@
+"""Training: the LightningModule, the teacher DataModule and the LightningCLI glue (`qthink fit`)."""
