@@ -1,6 +1,7 @@
 """`qthink fit|validate|export` end to end on the tiny configs: layering, resume, TensorBoard, one-line
 errors, every shipped config parsing, and DDP on two CPU processes ending with identical weights."""
 
+import json
 import os
 import subprocess
 import sys
@@ -61,6 +62,28 @@ def test_fit_resume_validate_and_export_from_the_command_line(tiny_base, teacher
     assert main(["validate", *common, "--ckpt_path", str(last)]) == 0
     assert main(["export", str(last), str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "projection_head.pt").is_file()
+
+
+def test_validation_and_eval_decode_and_score_the_same_on_the_same_weights(tiny_base, teacher_store, tmp_path):
+    """One decoding path: the validation samples logged during `qthink fit` are, text for text, what
+    `qthink eval` writes for the exported weights, and `val/exact_match` equals eval's exact match."""
+    from qthink.evaluate import evaluate
+    from qthink.tasks import make_task
+
+    root = tmp_path / "run"
+    common = tiny_args(tiny_base, teacher_store, root, "--trainer.val_check_interval", "3", "--data.val_limit", "6",
+                       "--model.val_log_samples", "6", "--data.val_batch_size", "6", "--trainer.max_steps", "3")
+    assert main(["fit", *common]) == 0
+    assert main(["export", str(root / "checkpoints" / "last.ckpt"), str(tmp_path / "export")]) == 0
+    summary = evaluate(str(tmp_path / "export"), make_task("synthetic"), "validation", limit=6, max_new_tokens=16,
+                       batch_size=6, out=tmp_path / "eval", progress=False)
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / summary["system"] / "predictions.jsonl").open()]
+    events = EventAccumulator(str(root / "tensorboard")).Reload()
+    assert events.Scalars("val/exact_match")[-1].value == pytest.approx(summary["metrics"]["exact_match"])
+    table = events.Tensors("val/samples/text_summary")[-1].tensor_proto.string_val[0].decode()
+    logged = [row.split(" | ")[1] for row in table.splitlines()[2:]]  # | question | output | reference | score |
+    assert len(logged) == 6 and any(logged)
+    assert logged == [p["output"].replace("|", "\\|").replace("\n", " ") for p in predictions]
 
 
 def test_user_mistakes_are_one_line_errors(tiny_base, teacher_store, store_factory, tmp_path, capsys):
