@@ -27,7 +27,15 @@ from qthink.arguments import add_decode_mode_argument
 from qthink.core.model import HEAD_PT, HEAD_ST, QThink, output_text, parse_dtype
 from qthink.errors import require
 from qthink.tables import markdown_table
-from qthink.tasks import Task, get_task, load_problems, make_task, parse_task_options, split_think
+from qthink.tasks import (
+    Task,
+    get_task,
+    grade_output,
+    load_problems,
+    make_task,
+    parse_task_options,
+    split_think,
+)
 
 MODES = ("qthink", "think", "nothink")
 
@@ -118,9 +126,10 @@ def generate_timed(qt: QThink, questions: list[str], latent_steps: int, max_new_
     return results, seconds
 
 
-def prediction(task: Task, record: dict, question: str, result: dict, seconds: float, text: str) -> dict:
+def prediction(task: Task, record: dict, question: str, result: dict, seconds: float, text: str,
+               grade_unclosed: bool = False) -> dict:
     think, _, closed = split_think(text)
-    scores = task.grade(text, record)
+    scores = grade_output(task, text, record, grade_unclosed)
     return {"problem_id": task.problem_id(record), "prompt": question, "reference": task.reference(record),
             "output": text, "tokens": len(result["token_ids"]), "correct": scores[task.metrics[0]] == 1.0,
             **{m: float(scores[m]) for m in task.metrics}, "seconds": seconds, "finished": result["finished"],
@@ -144,9 +153,9 @@ def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test",
              max_new_tokens: int = 256, batch_size: int = 16, limit: int | None = None, out: str | Path | None = None,
              dtype: torch.dtype | None = None, device: str | torch.device | None = None,
              records: list[dict] | None = None, progress: bool = True, trust_remote_code: bool = False,
-             model: QThink | None = None, decode_mode: str = "dynamic") -> dict:
+             model: QThink | None = None, decode_mode: str = "dynamic", grade_unclosed: bool = False) -> dict:
     """Evaluate one target and return its summary; with `out`, write `out/<name>/predictions.jsonl` and
-    `summary.json`. `target` is a path (loaded here, or given already loaded as `model`) or, in process, a
+    `summary.json`. An output whose think block never closed scores 0 unless `grade_unclosed`. `target` is a path (loaded here, or given already loaded as `model`) or, in process, a
     `QThink` (mode default: `qthink` if it has a head)."""
     task = get_task(task) if isinstance(task, str) else task
     records = load_problems(task, split, data_path, limit) if records is None else records
@@ -166,10 +175,10 @@ def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test",
         results, seconds = generate_timed(qt, questions, k, max_new_tokens, batch_size, mode == "think", bar,
                                           decode_mode)
     wall = time.perf_counter() - began
-    preds = [prediction(task, r, q, res, s, output_text(qt.tokenizer, res["token_ids"], res["finished"]))
+    preds = [prediction(task, r, q, res, s, output_text(qt.tokenizer, res["token_ids"], res["finished"]), grade_unclosed)
              for r, q, res, s in zip(records, questions, results, seconds, strict=True)]
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": str(qt.model.dtype),
-                "device": str(qt.device), "decode_mode": decode_mode}
+                "device": str(qt.device), "decode_mode": decode_mode, "grade_unclosed": grade_unclosed}
     summary = summarize(preds, task, split, spec, k, wall, settings)
     if out is not None:
         write_run(Path(out) / spec.name, preds, summary)
@@ -230,6 +239,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="problems decoded together")
     add_decode_mode_argument(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
+    p.add_argument("--grade-unclosed", action="store_true",
+                   help="grade an output whose think block never closed on its whole text (default: no answer, 0)")
     p.add_argument("--out", default="runs/eval", help="output directory; each run writes OUT/<name>/")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
@@ -252,7 +263,8 @@ def cli_main(args) -> None:
         choose_threads(qt, args.threads)
         summary = evaluate(t.path, task, args.split, mode=t.mode, name=t.name, latent_steps=args.latent_steps,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=args.out,
-                           records=records, progress=not args.no_progress, model=qt, decode_mode=args.decode_mode)
+                           records=records, progress=not args.no_progress, model=qt, decode_mode=args.decode_mode,
+                           grade_unclosed=args.grade_unclosed)
         summaries.append(summary)
         print(f"{t.name}: wrote {Path(args.out) / t.name} ({summary['problems_per_s']:.2f} problems/s, "
               f"{summary['unclosed_think']} unclosed think)", flush=True)

@@ -19,6 +19,7 @@ decoding. All three give the same tokens (tested); hidden states agree to float 
 attention then also reduces over masked columns.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -245,17 +246,19 @@ def decode(
     model: nn.Module,
     state: LatentState,
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     sampler: Sampler | None = None,
 ) -> Generation:
-    """Greedy (or sampled) decoding from `state` with per-row EOS stop; one host sync per token."""
+    """Greedy (or sampled) decoding from `state`; a row stops at any of the EOS ids (Qwen3 stops on both
+    `<|im_end|>` and `<|endoftext|>`); one host sync per token."""
     decoder, lm_head, embed = model_parts(model)
     batch = state.hidden.shape[0]
     device = state.hidden.device
     tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    stop = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     hidden = state.hidden
     for step in range(max_new_tokens):
         logits = lm_head(hidden)
@@ -263,7 +266,7 @@ def decode(
         token = token.masked_fill(finished, pad_token_id)
         tokens[:, step] = token
         lengths += (~finished).long()
-        finished |= token == eos_token_id
+        finished |= torch.isin(token, stop)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         if state.length >= state.mask.shape[1]:  # capacity exhausted (caller reserved too little)
@@ -283,7 +286,7 @@ def generate(
     attention_mask: Tensor,
     latent_steps: int,
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     sampler: Sampler | None = None,
     num_samples: int = 1,

@@ -234,7 +234,7 @@ class QThink(nn.Module):
         self.check_request([len(p) for p in prompts], k, max_new_tokens)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[dict | None] = [None] * len(prompts)
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        pad, eos = self.tokenizer.pad_token_id, stop_ids(self.tokenizer, getattr(self.model, "generation_config", None))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = left_pad([prompts[i] for i in idx], pad, self.device)
@@ -259,6 +259,24 @@ def output_text(tokenizer, token_ids: list[int], finished: bool) -> str:
     """The decoded output without its final EOS, with `<think>`/`</think>` kept: the graders split on them,
     and a tokenizer that marks them special (the tiny one does) would drop them with skip_special_tokens."""
     return tokenizer.decode(token_ids[:-1] if finished else token_ids, skip_special_tokens=False)
+
+
+def generation_config(path_or_repo: str | Path):
+    """The model's `generation_config.json` as a transformers GenerationConfig, or None where it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(path_or_repo))
+    except (OSError, ValueError):
+        return None
+
+
+def stop_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS and each EOS of the model's generation config
+    (Qwen3's lists `<|im_end|>` and `<|endoftext|>`), the tokenizer's first."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
 
 
 def check_decode_mode(decode_mode: str) -> None:

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from qthink.errors import UserError, require
-from qthink.tasks.base import Task, split_think
+from qthink.tasks.base import Task, grade_output, has_unclosed_think, split_think
 from qthink.tasks.gsm8k import GSM8kTask
 from qthink.tasks.math500 import Math500Task
 from qthink.tasks.synthetic import SyntheticTask
@@ -68,4 +68,5 @@ def make_task(name: str, options: dict[str, Any] | None = None) -> Task:
                         f"{', '.join(params) or 'none'}") from e
 
 
-__all__ = ["TASKS", "Task", "get_task", "load_problems", "make_task", "parse_task_options", "split_think"]
+__all__ = ["TASKS", "Task", "get_task", "grade_output", "has_unclosed_think", "load_problems", "make_task",
+           "parse_task_options", "split_think"]

@@ -54,6 +54,21 @@ def split_think(output: str) -> tuple[str | None, str, bool]:
     return None, output, False
 
 
+def has_unclosed_think(output: str) -> bool:
+    """The output opened a think block and never closed it (a truncated rollout or thinking answer)."""
+    think, _, closed = split_think(output)
+    return think is not None and not closed
+
+
+def grade_output(task: Task, output: str, record: Mapping[str, Any], grade_unclosed: bool = False) -> dict[str, float]:
+    """`task.grade`, except that an output whose think block never closed has no answer and scores 0 on
+    every metric: its reasoning may mention the right value without committing to it. `grade_unclosed`
+    grades such an output on its whole text instead (the old behaviour, for comparison)."""
+    if not grade_unclosed and has_unclosed_think(output):
+        return dict.fromkeys(task.metrics, 0.0)
+    return task.grade(output, record)
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last brace-matched `\\boxed{...}` or `\\fbox{...}` in `text`, or None.
 

@@ -52,6 +52,7 @@ def special_ids(tokenizer) -> tuple[int, int, int]:
 def rollout_positions(prompt: list[int], rollout: list[int], specials: tuple[int, int, int], scheme: str, k: int,
                       tokenizer, task_offsets=None) -> tuple[str, list[int], list[int]]:
     """("valid" | "unclosed" | "empty", prompt + rollout ids, absolute positions of the K teacher states).
+    A think block holding only whitespace (Qwen3 writes an empty one as `<think>\n\n</think>`) is empty.
 
     The think block is looked for from the start of the assistant turn, so a generation prompt that
     already opens `<think>` works too; its close must be in the rollout.
@@ -63,7 +64,7 @@ def rollout_positions(prompt: list[int], rollout: list[int], specials: tuple[int
     if span is None or span[1] < len(prompt):
         return "unclosed", ids, []
     start, end = span[0] + 1, span[1]
-    if end == start:
+    if end == start or not tokenizer.decode(ids[start:end]).strip():  # Qwen3's empty block holds "\n\n"
         return "empty", ids, []
     return "valid", ids, [start + p for p in content_positions(scheme, tokenizer, ids[start:end], k, task_offsets)]
 

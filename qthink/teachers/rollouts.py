@@ -26,7 +26,15 @@ from tqdm import tqdm
 
 from qthink.arguments import add_decode_mode_argument
 from qthink.core.latent import generate
-from qthink.core.model import check_decode_mode, encode_prompts, left_pad, load_base, output_text, parse_dtype
+from qthink.core.model import (
+    check_decode_mode,
+    encode_prompts,
+    left_pad,
+    load_base,
+    output_text,
+    parse_dtype,
+    stop_ids,
+)
 from qthink.core.sampling import Sampler, row_seed
 from qthink.errors import UserError, require
 from qthink.teachers import distributed
@@ -119,7 +127,7 @@ def read_rollouts(directory: str | Path) -> tuple[dict, list[tuple[int, int, int
 
 
 # Settings added after the first manifests were written, and what those manifests' runs used.
-UNRECORDED = {"decode_mode": "dynamic", "task_options": {}}  # what manifests written before a key existed used
+UNRECORDED = {"decode_mode": "dynamic", "task_options": {}, "grade_unclosed": False}  # what manifests written before a key existed used
 
 
 def check_manifest(directory: Path, settings: dict) -> None:
@@ -216,7 +224,8 @@ def sample_group(model, tokenizer, prompts: list[list[int]], indices: list[int],
     batch = left_pad(prompts, tokenizer.pad_token_id, device)
     seeds = torch.tensor([row_seed(seed, i, j) for i in indices for j in range(G)], device=device)
     gen = generate(model, torch.nn.Identity(), batch.input_ids, batch.attention_mask, 0, max_new_tokens,
-                   tokenizer.eos_token_id, tokenizer.pad_token_id, Sampler(seeds, temperature, top_p, top_k), G,
+                   stop_ids(tokenizer, model.generation_config), tokenizer.pad_token_id,
+                   Sampler(seeds, temperature, top_p, top_k), G,
                    decode_mode)
     tokens, lengths, finished = gen.tokens.cpu(), gen.lengths.cpu().tolist(), gen.finished.cpu().tolist()
     out = []
@@ -236,10 +245,10 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
                  max_new_tokens: int = 4096, batch_size: int = 8, seed: int = 0, limit: int | None = None,
                  dtype: str = "auto", device: str | None = None,
                  on_problem: Callable[[int], None] | None = None, decode_mode: str = "dynamic",
-                 task_options: dict | None = None) -> dict:
+                 task_options: dict | None = None, grade_unclosed: bool = False) -> dict:
     """Sample, grade and append rollouts for the (first `limit`) problems of `task`/`split` not yet in
     `out`; returns a summary. `on_problem(index)` is called after each problem is on disk."""
-    from qthink.tasks import load_problems, make_task
+    from qthink.tasks import grade_output, has_unclosed_think, load_problems, make_task
 
     require(G >= 1, f"-G must be >= 1 (got {G})")
     require(batch_size >= 1, f"--batch-size must be >= 1 (got {batch_size})")
@@ -256,7 +265,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
                 "split": split, "data_path": data_path,
                 "G": G, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": dtype,
-                "enable_thinking": True, "decode_mode": decode_mode}
+                "enable_thinking": True, "decode_mode": decode_mode, "grade_unclosed": grade_unclosed}
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         check_manifest(out, settings)
@@ -274,7 +283,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
     groups = [list(range(g * batch_size, min((g + 1) * batch_size, len(records)))) for g in ranks.units(n_groups)]
     groups = [g for g in groups if any(i not in done for i in g)]
     todo = sum(i not in done for g in groups for i in g)
-    summary = {"problems": todo, "rollouts": 0, "correct": 0, "finished": 0, "closed_think": 0}
+    summary = {"problems": todo, "rollouts": 0, "correct": 0, "finished": 0, "closed_think": 0, "unclosed_think": 0}
     if groups:
         model, tokenizer = load_base(base, parse_dtype(dtype))
         model = model.to(dev)
@@ -293,7 +302,8 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
                 if i in done:
                     continue
                 for r in rollouts:
-                    r["reward"] = float(task_obj.grade(r["text"], records[i])["exact_match"])
+                    r["reward"] = float(grade_output(task_obj, r["text"], records[i], grade_unclosed)["exact_match"])
+                    summary["unclosed_think"] += has_unclosed_think(r["text"])
                     summary["correct"] += r["reward"] > 0
                     summary["finished"] += r["finished"]
                     summary["closed_think"] += end_think in r["token_ids"]
@@ -333,6 +343,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="model dtype: float32 | bfloat16 | float16 | auto")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     add_decode_mode_argument(p)
+    p.add_argument("--grade-unclosed", action="store_true",
+                   help="grade a rollout whose think block never closed on its whole text (default: no answer, reward 0)")
 
 
 def cli_main(args) -> int:
@@ -343,12 +355,13 @@ def cli_main(args) -> int:
         s = run_rollouts(args.base, args.task, args.out, args.split, args.data_path, args.G, args.temperature,
                          args.top_p, args.top_k, args.max_new_tokens, args.batch_size, args.seed, args.limit,
                          args.dtype, args.device, decode_mode=args.decode_mode,
-                         task_options=parse_task_options(args.task_option))
+                         task_options=parse_task_options(args.task_option), grade_unclosed=args.grade_unclosed)
     finally:
         distributed.teardown()
     if distributed.env_ranks().is_main:
         n = max(s["rollouts"], 1)
         print(f"rollouts: {s['problems']} new problems, {s['rollouts']} rollouts in {time.perf_counter() - start:.1f}s "
               f"(this rank); correct {s['correct'] / n:.1%}, finished {s['finished'] / n:.1%}, "
-              f"emitted </think> {s['closed_think'] / n:.1%}; {args.out}/{ROLLOUTS} holds {s['total_problems']} problems")
+              f"emitted </think> {s['closed_think'] / n:.1%} (unclosed think blocks: {s['unclosed_think']}, no answer"
+              f"{', graded as is' if args.grade_unclosed else ''}); {args.out}/{ROLLOUTS} holds {s['total_problems']} problems")
     return 0

@@ -14,7 +14,7 @@ run with `use_distributed_sampler: false`; `qthink fit --ckpt_path last` then co
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from qthink.core.model import encode_prompts, left_pad
+from qthink.core.model import encode_prompts, generation_config, left_pad, stop_ids
 from qthink.errors import UserError, require
 from qthink.tasks import load_problems
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
@@ -78,22 +78,24 @@ def load_rollouts(directory: Path, problems: set[int]) -> dict[int, dict]:
     return {i: parse_line(path, 0, read_line(path, offset, length)) for i, offset, length in entries if i in problems}
 
 
-def rollout_answer_ids(token_ids: list[int], think_close: int, eos: int, is_blank: Callable[[int], bool]) -> list[int] | None:
-    """The answer tokens after `</think>` (leading blank tokens dropped) up to and including EOS.
+def rollout_answer_ids(token_ids: list[int], think_close: int, eos: int | Collection[int],
+                       is_blank: Callable[[int], bool]) -> list[int] | None:
+    """The answer tokens after `</think>` (leading blank tokens dropped) up to and including the first EOS
+    (any of `eos`: Qwen3 ends with `<|im_end|>` or `<|endoftext|>`).
 
     None if the think block never closes or the rollout did not end with EOS (a truncated answer).
     """
+    stops = {eos} if isinstance(eos, int) else set(eos)
     if think_close not in token_ids:
         return None
     answer = token_ids[token_ids.index(think_close) + 1 :]
-    while answer and answer[0] != eos and is_blank(answer[0]):  # the "\n\n" the student prompt already ends with
+    while answer and answer[0] not in stops and is_blank(answer[0]):  # the "\n\n" the student prompt ends with
         answer = answer[1:]
-    if eos not in answer:
-        return None
-    return answer[: answer.index(eos) + 1]
+    end = next((i for i, t in enumerate(answer) if t in stops), None)
+    return None if end is None else answer[: end + 1]
 
 
-def first_correct_answer(rollouts: list[dict], think_close: int, eos: int,
+def first_correct_answer(rollouts: list[dict], think_close: int, eos: int | Collection[int],
                          is_blank: Callable[[int], bool]) -> list[int] | None:
     """The answer tokens of the first correct rollout (reward > 0) that closed its think block and ended."""
     for r in rollouts:
@@ -351,7 +353,7 @@ class TeacherDataModule(L.LightningDataModule):
         if self.answer_source == "rollout":
             require(self.rollouts_path is not None, f"{store.path}/manifest.json names no rollouts; set data.rollouts")
             rollouts = load_rollouts(self.rollouts_path, set(indices))
-        think_close, eos = tok.convert_tokens_to_ids("</think>"), tok.eos_token_id
+        think_close, eos = tok.convert_tokens_to_ids("</think>"), stop_ids(tok, generation_config(self.base_model))
 
         def is_blank(token: int) -> bool:
             return tok.decode([token]).strip() == ""

@@ -33,8 +33,9 @@ from qthink.core.latent import (
     model_parts,
     think,
 )
-from qthink.core.model import QThink, load_base, output_text
+from qthink.core.model import QThink, load_base, output_text, stop_ids
 from qthink.errors import UserError, require
+from qthink.tasks.base import grade_output
 
 Distill = Literal["per_step", "final_step", "none"]
 Teacher = Literal["uniform", "weighted"]
@@ -317,12 +318,13 @@ class QThinkModule(L.LightningModule):
                 "validation needs a task: set model.val_task or use TeacherDataModule")
         tok = self.tokenizer
         gen = generate(self.model, self.head, batch["prompt_ids"], batch["prompt_mask"], self.latent_steps,
-                       self.val_max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+                       self.val_max_new_tokens, stop_ids(tok, getattr(self.model, "generation_config", None)),
+                       tok.pad_token_id)
         metrics = self.eval_metrics[stage]
         samples = []
         for row, record in enumerate(batch["records"]):
             text = output_text(tok, gen.tokens[row, : gen.lengths[row]].tolist(), bool(gen.finished[row]))
-            scores = task.grade(text, record)
+            scores = grade_output(task, text, record)
             for name in task.metrics:
                 metrics[name].update(float(scores[name]))
             samples.append((task.prompt(record), text, task.reference(record), scores[task.metrics[0]]))
