@@ -119,11 +119,10 @@ def test_steps_positions_on_hand_written_qwen3_chains(qwen3_qt, think, k, expect
 
 def test_unclosed_think_has_no_answer_unless_asked():
     tooluse = get_task("tooluse")
-    record = next(r for r in tooluse.load("test", DATA) if "axolotl" in r["id"].lower() or
-                  "getRandomAxolotlImage" in tooluse.reference(r)) if (DATA / "tooluse").is_dir() else None
-    if record is not None:
-        output = "<think>\n" + tooluse.reference(record)
-        assert grade_output(tooluse, output, record)["exact_match"] == 0.0
+    if (DATA / "tooluse").is_dir():
+        record = next(r for r in tooluse.load("test", DATA) if "getRandomAxolotlImage" in tooluse.reference(r))
+        output = "<think>\n" + tooluse.reference(record)  # `<think>\nAction: getRandomAxolotlImage\nAction Input: {}`
+        assert grade_output(tooluse, output, record) == {"exact_match": 0.0, "action_accuracy": 0.0}
         assert grade_output(tooluse, output, record, grade_unclosed=True)["exact_match"] == 1.0
     gsm8k = get_task("gsm8k")
     record = {"question": "2+3?", "answer": "2 + 3 = 5\n#### 5", "id": "t-0"}
