@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from qthink.core.model import QThink, parse_dtype
+from qthink.core.model import QThink, check_checkpoint_dir, parse_dtype
 from qthink.errors import UserError, require
 from qthink.training.module import QThinkModule
 
@@ -50,7 +50,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, base: str | None =
 
     `dtype`: `base` (the base model's stored dtype, e.g. bfloat16 for Qwen3-1.7B) or float32/bfloat16/float16.
     """
+    check_checkpoint_dir(out, (base,))  # before the (slow) load: a wrong folder fails at once
     module, ckpt = load_module(ckpt_path, base)
+    check_checkpoint_dir(out, (module.base_model,))
     model = module.model
     if hasattr(model, "merge_and_unload"):
         with warnings.catch_warnings():

@@ -144,3 +144,21 @@ def test_eval_bad_input(ckpt, tiny_base, tmp_path, capsys):
         assert code != 0, name
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, f"{name}: {err}"
         assert expect in err, f"{name}: {err}"
+
+
+def test_init_and_export_never_delete_what_they_did_not_write(tiny_base, tmp_path, capsys):
+    """A folder with other files is refused before anything is written; an earlier checkpoint is replaced;
+    a checkpoint cannot be written over the model it reads."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("x")
+    assert main(["init", str(tiny_base), str(precious)]) == 2
+    err = capsys.readouterr().err
+    assert "not a qthink checkpoint" in err and err.strip().count("\n") == 0
+    assert (precious / "notes.txt").read_text() == "x" and sorted(p.name for p in precious.iterdir()) == ["notes.txt"]
+    ckpt = tmp_path / "ckpt"
+    assert main(["init", str(tiny_base), str(ckpt)]) == 0
+    assert main(["init", str(tiny_base), str(ckpt), "--seed", "1"]) == 0  # an earlier checkpoint: replaced
+    assert json.loads((ckpt / "qthink.json").read_text())["seed"] == 1
+    assert main(["init", str(ckpt), str(ckpt)]) == 2
+    assert "also the model this reads" in capsys.readouterr().err

@@ -123,6 +123,11 @@ def test_malformed_line_names_file_and_line(tiny_base, reference, tmp_path, caps
                                                               "rollouts": [{"token_ids": ["x"], "reward": 1}]}) + "\n")
     with pytest.raises(UserError, match=r":2: rollout 0 needs `token_ids`"):
         read_rollouts(out)
+    # a NaN reward would become a NaN teacher: refused, naming the line (json writes it as NaN)
+    (out / ROLLOUTS).write_text(lines[0] + "\n" + json.dumps({"problem_index": 1, "question": "q",
+                                                              "rollouts": [{"token_ids": [1], "reward": float("nan")}]}) + "\n")
+    with pytest.raises(UserError, match=r":2: rollout 0 needs a finite numeric `reward` \(got nan\)"):
+        read_rollouts(out)
 
 
 def test_task_options_are_recorded_and_limits_above_the_default_split_are_honoured(tiny_base, tmp_path):

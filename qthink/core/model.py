@@ -178,8 +178,10 @@ class QThink(nn.Module):
         return qt.to(device) if device is not None else qt
 
     def save_pretrained(self, out: str | Path, extra_info: dict | None = None) -> Path:
-        """Write the seed-format checkpoint; the directory appears whole or not at all."""
+        """Write the seed-format checkpoint; the directory appears whole or not at all. It replaces only an
+        empty folder or an earlier qthink checkpoint (`check_checkpoint_dir`)."""
         out = Path(out)
+        check_checkpoint_dir(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
@@ -284,9 +286,25 @@ def check_decode_mode(decode_mode: str) -> None:
     require(decode_mode in DECODE_MODES, f"--decode-mode must be one of {', '.join(DECODE_MODES)} (got {decode_mode!r})")
 
 
+def check_checkpoint_dir(out: str | Path, sources: tuple[str | Path | None, ...] = ()) -> None:
+    """One-line refusals before anything is written: `out` must be new, empty or an earlier qthink
+    checkpoint (which is replaced), and none of `sources` (the models read to build it)."""
+    out = Path(out)
+    for source in sources:
+        require(source is None or not Path(source).exists() or Path(source).resolve() != out.resolve(),
+                f"{out} is also the model this reads ({source}); write the checkpoint to another folder")
+    if not out.exists():
+        return
+    require(out.is_dir(), f"{out} is a file; choose a folder for the checkpoint")
+    require((out / META).is_file() or not any(out.iterdir()),
+            f"{out} is a folder with other files in it and not a qthink checkpoint; nothing was written: "
+            "choose a new or empty folder")
+
+
 def init_checkpoint(base: str, out: str | Path, seed: int = 0, latent_steps: int = 6,
                     trust_remote_code: bool = False) -> Path:
     """Wrap a base model with a freshly initialised head (seeded) and write a seed-format checkpoint."""
+    check_checkpoint_dir(out, (base,))
     model, tokenizer = load_base(base, None, trust_remote_code)
     torch.manual_seed(seed)
     head = ProjectionHead(model.config.hidden_size).to(model.dtype)

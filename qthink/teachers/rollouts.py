@@ -16,6 +16,7 @@ by problem index) at the end.
 
 import argparse
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -66,8 +67,9 @@ def parse_line(path: Path, lineno: int, line: str) -> dict:
     for j, r in enumerate(rollouts):
         ok = isinstance(r, dict) and isinstance(r.get("token_ids"), list) and all(type(t) is int for t in r["token_ids"])
         require(ok, f"{where}: rollout {j} needs `token_ids`, a list of integers")
-        require(isinstance(r.get("reward"), int | float) and not isinstance(r.get("reward"), bool),
-                f"{where}: rollout {j} needs a numeric `reward`")
+        reward = r.get("reward")
+        require(isinstance(reward, int | float) and not isinstance(reward, bool) and math.isfinite(reward),
+                f"{where}: rollout {j} needs a finite numeric `reward` (got {reward!r}); fix or regrade that line")
     return record
 
 
