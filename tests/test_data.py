@@ -114,3 +114,15 @@ def test_store_mismatches_are_one_line_errors(store_factory, tiny_base, tmp_path
     with pytest.raises(UserError, match=r"built from base model 'Qwen/Qwen3-1.7B' but the trainer uses") as e:
         datamodule(store_factory(base_name="Qwen/Qwen3-1.7B"), tiny_base)
     assert "\n" not in str(e.value)
+
+
+def test_distilling_from_a_store_without_any_valid_teacher_is_refused(store_factory):
+    from qthink.training.data import TeacherDataModule
+
+    store = store_factory(no_valid=True)
+    with pytest.raises(UserError, match="none of its 8 problems has a valid teacher"):
+        dm = TeacherDataModule(str(store), teacher_steps=6, answer_source="reference")
+        dm.setup("fit")
+    dm = TeacherDataModule(str(store), teacher_steps=None, answer_source="reference")  # SFT: no teachers needed
+    dm.setup("fit")
+    assert dm.stats["no_uniform_teacher"] == 8

@@ -166,6 +166,8 @@ class QThink(nn.Module):
                 raise UserError(f"{meta_file} is not valid JSON (line {e.lineno}); re-export the checkpoint") from e
         model, tokenizer = load_base(path_or_repo, dtype, trust_remote_code)
         head = build_head(load_head_state(head_file), model.config.hidden_size, head_file)
+        require_finite(model, path_or_repo)
+        require_finite(head, head_file)
         qt = cls(model, tokenizer, head.to(model.dtype).eval(), int(info.get("latent_steps", 6)), info)
         return qt.to(device) if device is not None else qt
 
@@ -261,6 +263,14 @@ def output_text(tokenizer, token_ids: list[int], finished: bool) -> str:
     """The decoded output without its final EOS, with `<think>`/`</think>` kept: the graders split on them,
     and a tokenizer that marks them special (the tiny one does) would drop them with skip_special_tokens."""
     return tokenizer.decode(token_ids[:-1] if finished else token_ids, skip_special_tokens=False)
+
+
+def require_finite(module: nn.Module, where: str | Path) -> None:
+    """One line naming the first weight holding NaN or inf: such a checkpoint answers with silent garbage."""
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{where}: weight {name} holds NaN or inf; this checkpoint is damaged: "
+                            "export it again from a Lightning checkpoint that trained without errors")
 
 
 def generation_config(path_or_repo: str | Path):

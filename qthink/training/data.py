@@ -387,6 +387,15 @@ class TeacherDataModule(L.LightningDataModule):
             examples.append(Example(i, prompt, answer))
         stats["problems"] = len(examples)
         self.stats = stats
+        # distilling (the store's K is checked) from a store where no problem has a valid teacher would
+        # silently train on the answer CE alone
+        require(self.teacher_steps is None or stats["no_uniform_teacher"] < len(examples),
+                f"teacher store {self.teachers}: none of its {len(examples)} problems has a valid teacher (every "
+                "rollout was unclosed or empty); resample the rollouts with a larger --max-new-tokens, or train "
+                "without distillation (model.distill: none)")
+        if self.teacher_steps is not None and stats["no_uniform_teacher"]:
+            rank_zero_warn(f"{stats['no_uniform_teacher']} of {len(examples)} problems "
+                           f"({stats['no_uniform_teacher'] / len(examples):.0%}) have no valid teacher: CE only for them")
         rank_zero_info(f"training data: {stats}")
         if stats["dropped_long_prompt"]:
             rank_zero_warn(f"dropped {stats['dropped_long_prompt']} problems with prompts over "
