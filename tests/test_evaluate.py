@@ -175,3 +175,13 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tiny_
     assert main(["generate", str(ckpt), "-q", "a=1 b=a+2 b?"]) == 2
     err = capsys.readouterr().err
     assert "weight mlp.0.weight holds NaN or inf" in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("flag, value, message", [("--top-p", "0", "--top-p must be in (0, 1]"),
+                                                  ("--top-p", "7", "--top-p must be in (0, 1]"),
+                                                  ("--top-k", "-5", "--top-k must be >= 0")])
+def test_sampling_settings_out_of_range_are_one_line_errors(tiny_base, tmp_path, capsys, flag, value, message):
+    out = tmp_path / "r"
+    assert main(["rollouts", "--base", str(tiny_base), "--task", "synthetic", "--out", str(out), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0 and not out.exists()

@@ -59,6 +59,9 @@ def test_fit_resume_validate_and_export_from_the_command_line(tiny_base, teacher
     steps = [e.step for e in events.Scalars("train/loss")]  # one log continues across the resume
     assert len(steps) == 4 and steps == sorted(set(steps))  # (Lightning may skip one step number there)
     assert "val/samples/text_summary" in events.Tags()["tensors"]
+    assert main(["fit", *common, "--trainer.max_steps", "6"]) == 2  # no second "last": resume or refuse
+    assert not (root / "checkpoints" / "last-v1.ckpt").exists()
+    assert torch.load(last, weights_only=True)["global_step"] == 4
     assert main(["validate", *common, "--ckpt_path", str(last)]) == 0
     assert main(["export", str(last), str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "projection_head.pt").is_file()

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qthink.errors import require
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -55,6 +57,11 @@ class Sampler:
     temperature: float = 0.6
     top_p: float = 0.95
     top_k: int = 20
+
+    def __post_init__(self) -> None:
+        require(self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})")
+        require(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p}); 1 keeps every token")
+        require(self.top_k >= 0, f"--top-k must be >= 0 (got {self.top_k}); 0 keeps every token")
 
     def __call__(self, logits: Tensor, step: int) -> Tensor:
         logits = logits.float() / max(self.temperature, 1e-6)

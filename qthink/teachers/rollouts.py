@@ -256,6 +256,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
     require(batch_size >= 1, f"--batch-size must be >= 1 (got {batch_size})")
     require(max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
     require(temperature > 0, f"--temperature must be > 0 (got {temperature}); rollouts are sampled")
+    Sampler(torch.zeros(1, dtype=torch.long), temperature, top_p, top_k)  # its range checks, before any work
     require(limit is None or limit >= 1, f"--limit must be >= 1 (got {limit})")
     check_decode_mode(decode_mode)
     ranks, dev = distributed.setup(device)

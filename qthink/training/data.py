@@ -353,7 +353,7 @@ class TeacherDataModule(L.LightningDataModule):
         if self.answer_source == "rollout":
             require(self.rollouts_path is not None, f"{store.path}/manifest.json names no rollouts; set data.rollouts")
             rollouts = load_rollouts(self.rollouts_path, set(indices))
-        think_close, eos = tok.convert_tokens_to_ids("</think>"), stop_ids(tok, generation_config(self.base_model))
+        think_close, stops = tok.convert_tokens_to_ids("</think>"), stop_ids(tok, generation_config(self.base_model))
 
         def is_blank(token: int) -> bool:
             return tok.decode([token]).strip() == ""
@@ -371,10 +371,10 @@ class TeacherDataModule(L.LightningDataModule):
                         str(entry.get("problem_id", self.task.problem_id(record))) == self.task.problem_id(record),
                         f"rollouts problem {i} is not {self.task.name} {self.split} problem {i} "
                         f"({entry.get('problem_id')!r}); set data.task/data.data_path/data.task_options as for the rollouts")
-                answer = first_correct_answer(entry["rollouts"], think_close, eos, is_blank)
+                answer = first_correct_answer(entry["rollouts"], think_close, stops, is_blank)
             stats["from_rollout" if answer is not None else "from_reference"] += 1
             if answer is None:
-                answer = tok(self.task.reference(record), add_special_tokens=False)["input_ids"] + [eos]
+                answer = tok(self.task.reference(record), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             if len(prompt) > self.max_prompt_tokens:
                 stats["dropped_long_prompt"] += 1
                 continue

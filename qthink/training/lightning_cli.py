@@ -36,6 +36,15 @@ class QThinkCLI(LightningCLI):
         parser.link_arguments("model.base_model", "data.base_model")
         parser.link_arguments(("model.latent_steps", "model.distill"), "data.teacher_steps", compute_fn=teacher_steps)
 
+    def before_fit(self) -> None:
+        """A second fit into a run folder would write `last-v1.ckpt` beside the old `last.ckpt` (which export
+        and `--ckpt_path last` would then disagree on): resume it or choose another folder."""
+        callback = self.trainer.checkpoint_callback
+        last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
+        require(last is None or not last.exists() or self.config["fit"].get("ckpt_path") is not None,
+                f"{last} exists from an earlier fit: add --ckpt_path last to resume it, or set another "
+                "--trainer.default_root_dir")
+
 
 def check_paths(argv: list[str]) -> None:
     """One-line errors for config files and checkpoints that do not exist (jsonargparse prints a usage dump)."""
