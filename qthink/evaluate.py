@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from qthink.arguments import add_decode_mode_argument
 from qthink.core.model import HEAD_PT, HEAD_ST, QThink, output_text, parse_dtype
 from qthink.errors import require
+from qthink.files import atomic_write_text, writable_dir
 from qthink.tables import markdown_table
 from qthink.tasks import (
     Task,
@@ -186,10 +187,12 @@ def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test",
 
 
 def write_run(run_dir: Path, preds: list[dict], summary: dict) -> None:
+    """predictions.jsonl, then summary.json, each whole or not at all (a summary never describes other
+    predictions than the ones beside it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 # ---- the comparison table ----
@@ -253,6 +256,7 @@ def cli_main(args) -> None:
     from qthink.core.compat import default_device
 
     targets = resolve_targets(args.targets, args.mode, args.name)
+    writable_dir(args.out, "--out")  # before any generation: a bad --out must not throw a run away
     task = make_task(args.task, parse_task_options(args.task_option))
     records = load_problems(task, args.split, args.data_path, args.limit)  # bad data fails before any model loads
     device = torch.device(args.device) if args.device else default_device()

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from qthink.files import atomic_write_text
+
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     """Median wall seconds of `repeats` calls of `fn` and the last call's result."""
@@ -24,7 +26,5 @@ def write_json(rows: list[dict] | dict, path: str | None) -> None:
     if path:
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=2) + "\n")
-        tmp.replace(out)
+        atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
         print(f"wrote {path}")

@@ -87,14 +87,16 @@ def test_think_and_nothink_modes_use_their_prompts(spread_qt, tmp_path):
         assert got == want
 
 
-def test_unclosed_think_is_graded_as_is_and_counted():
+def test_unclosed_think_has_no_answer_and_is_counted():
     task = get_task("synthetic")
     record = task.load("test", n=1)[0]
     answer = record["answer"]
     result = {"token_ids": [1, 2, 3], "finished": False}
     unclosed = prediction(task, record, "q", result, 0.1, f"<think>\nso the answer is {answer}")
     closed = prediction(task, record, "q", {**result, "finished": True}, 0.1, f"<think>\n{answer}\n</think>\n\n0")
-    assert unclosed["unclosed_think"] and unclosed["correct"]  # graded on the whole output
+    assert unclosed["unclosed_think"] and not unclosed["correct"]  # its reasoning mentions the answer: no credit
+    as_is = prediction(task, record, "q", result, 0.1, f"<think>\nso the answer is {answer}", grade_unclosed=True)
+    assert as_is["correct"]  # --grade-unclosed: graded on the whole output
     assert not closed["unclosed_think"] and (closed["correct"] == (answer == "0"))  # graded after </think>
     target = resolve_targets(["base:think"])[0]
     summary = summarize([unclosed, closed], task, "test", target, 0, 1.0, {})
@@ -185,3 +187,12 @@ def test_sampling_settings_out_of_range_are_one_line_errors(tiny_base, tmp_path,
     assert main(["rollouts", "--base", str(tiny_base), "--task", "synthetic", "--out", str(out), flag, value]) == 2
     err = capsys.readouterr().err
     assert message in err and err.strip().count("\n") == 0 and not out.exists()
+
+
+def test_eval_checks_its_output_folder_before_generating(tiny_base, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert main(["eval", str(tiny_base), "--task", "synthetic", "--limit", "2", "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "is a file" in err and err.strip().count("\n") == 0
+    assert taken.read_text() == "not a folder"

@@ -32,10 +32,11 @@ from torch import Tensor, nn
 from qthink.core.latent import model_parts
 from qthink.core.model import encode_prompts, load_base, parse_dtype
 from qthink.errors import UserError, require
+from qthink.files import atomic_write_text
 from qthink.teachers import distributed
 from qthink.teachers.positions import SCHEMES, content_positions, think_span
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
-from qthink.teachers.store import MANIFEST, atomic_write_text, sha256_file, write_manifest, write_shard
+from qthink.teachers.store import MANIFEST, sha256_file, write_manifest, write_shard
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 HIDDEN_STATE = "post-norm last layer (last_hidden_state)"

@@ -38,8 +38,8 @@ from qthink.core.model import (
 )
 from qthink.core.sampling import Sampler, row_seed
 from qthink.errors import UserError, require
+from qthink.files import atomic_write_text
 from qthink.teachers import distributed
-from qthink.teachers.store import atomic_write_text
 
 ROLLOUTS, MANIFEST = "rollouts.jsonl", "manifest.json"
 FORMAT = "qthink-rollouts-v1"

@@ -1,0 +1,30 @@
+"""Writing files safely: whole or not at all, and output folders checked before long work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qthink.errors import UserError, require
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to a temporary name beside `path`, flush it to disk, then rename: readers never see half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def writable_dir(path: str | Path, flag: str) -> Path:
+    """`path` as a folder this process can write into (created if missing); one line naming `flag` if not."""
+    path = Path(path)
+    require(not path.exists() or path.is_dir(), f"{flag} {path} is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create it ({e.strerror}); choose another folder") from e
+    require(os.access(path, os.W_OK | os.X_OK), f"{flag} {path} is not writable; choose another folder")
+    return path
