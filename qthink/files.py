@@ -18,6 +18,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def local_ref(path_or_id: str | Path | None) -> str | None:
+    """A model or data reference as manifests record it: an existing local path made absolute (so the
+    manifest reads the same from any working folder), anything else (a hub id) as given."""
+    if path_or_id is None:
+        return None
+    path = Path(path_or_id)
+    return str(path.resolve()) if path.exists() else str(path_or_id)
+
+
 def writable_dir(path: str | Path, flag: str) -> Path:
     """`path` as a folder this process can write into (created if missing); one line naming `flag` if not."""
     path = Path(path)

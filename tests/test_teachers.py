@@ -257,3 +257,26 @@ def test_two_processes_match_one(tiny_base, hand, tmp_path):
     assert not list((two / "rollouts").glob("rollouts.rank-*")) and not list((two / "teachers").glob("progress-rank*"))
     assert (one / "rollouts" / ROLLOUTS).read_bytes() == (two / "rollouts" / ROLLOUTS).read_bytes()
     assert listing(one / "teachers") == listing(two / "teachers")
+
+
+def test_manifests_record_local_paths_absolute_so_a_store_works_from_any_folder(tiny_base, tmp_path, monkeypatch):
+    """Built with relative paths from one folder, the store trains from another (the data module finds
+    its base model and rollouts)."""
+    import shutil
+
+    from qthink.teachers.extract import build_teachers
+    from qthink.teachers.rollouts import write_reference_rollouts
+    from qthink.training.data import TeacherDataModule
+
+    shutil.copytree(tiny_base, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    write_reference_rollouts("base", "rollouts", n=4)
+    manifest = build_teachers("base", "rollouts", "teachers", K=2, dtype="float32")
+    assert manifest["base_model"] == str((tmp_path / "base").resolve())
+    assert manifest["rollouts"] == str((tmp_path / "rollouts").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    dm = TeacherDataModule(str(tmp_path / "teachers"), base_model=str(tmp_path / "base"), teacher_steps=2)
+    dm.setup("fit")
+    assert dm.stats["from_rollout"] == 4

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from qthink.core.latent import model_parts
 from qthink.core.model import encode_prompts, load_base, parse_dtype
 from qthink.errors import UserError, require
-from qthink.files import atomic_write_text
+from qthink.files import atomic_write_text, local_ref
 from qthink.teachers import distributed
 from qthink.teachers.positions import SCHEMES, content_positions, think_span
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
@@ -207,10 +207,10 @@ def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6,
     rollouts, out = Path(rollouts), Path(out)
     rmanifest, entries = read_rollouts(rollouts)
     require(len(entries) > 0, f"{rollouts / ROLLOUTS} holds no problems")
-    settings = {"base_model": str(base), "rollouts": str(rollouts), "rollouts_sha256": sha256_file(rollouts / ROLLOUTS),
+    settings = {"base_model": local_ref(base), "rollouts": local_ref(rollouts), "rollouts_sha256": sha256_file(rollouts / ROLLOUTS),
                 "K": K, "position_scheme": position_scheme, "dtype": dtype, "model_dtype": model_dtype,
                 "shard_size": shard_size, "hidden_state": HIDDEN_STATE}
-    if rmanifest.get("base_model") not in (None, str(base)) and ranks.is_main:
+    if rmanifest.get("base_model") not in (None, str(base), local_ref(base)) and ranks.is_main:
         print(f"warning: rollouts were sampled from {rmanifest['base_model']}, extracting with {base}")
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)

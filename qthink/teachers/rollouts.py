@@ -38,7 +38,7 @@ from qthink.core.model import (
 )
 from qthink.core.sampling import Sampler, row_seed
 from qthink.errors import UserError, require
-from qthink.files import atomic_write_text
+from qthink.files import atomic_write_text, local_ref
 from qthink.teachers import distributed
 
 ROLLOUTS, MANIFEST = "rollouts.jsonl", "manifest.json"
@@ -208,7 +208,7 @@ def write_reference_rollouts(base: str, out: str | Path, task_name: str = "synth
     tokenizer = AutoTokenizer.from_pretrained(base)
     records = task.load(split, data_path)[:n]
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / MANIFEST, json.dumps({"format": FORMAT, "source": "reference", "base_model": str(base),
+    atomic_write_text(out / MANIFEST, json.dumps({"format": FORMAT, "source": "reference", "base_model": local_ref(base),
                                                   "task": task_name, "split": split, "G": G}, indent=2) + "\n")
     lines = []
     for i, record in enumerate(records):
@@ -264,8 +264,8 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
     task_options = dict(task_options or {})
     task_obj = make_task(task, task_options)
     records = load_problems(task_obj, split, data_path, limit)
-    settings = {"format": FORMAT, "base_model": str(base), "task": task, "task_options": task_options,
-                "split": split, "data_path": data_path,
+    settings = {"format": FORMAT, "base_model": local_ref(base), "task": task, "task_options": task_options,
+                "split": split, "data_path": local_ref(data_path),
                 "G": G, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": dtype,
                 "enable_thinking": True, "decode_mode": decode_mode, "grade_unclosed": grade_unclosed}
