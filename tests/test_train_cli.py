@@ -60,6 +60,7 @@ def test_fit_resume_validate_and_export_from_the_command_line(tiny_base, teacher
     assert len(steps) == 4 and steps == sorted(set(steps))  # (Lightning may skip one step number there)
     assert "val/samples/text_summary" in events.Tags()["tensors"]
     assert main(["fit", *common, "--trainer.max_steps", "6"]) == 2  # no second "last": resume or refuse
+    assert main(["fit", *common, "--ckpt_path", "last", "--trainer.precision", "16-mixed"]) == 2  # fp16: refused
     assert not (root / "checkpoints" / "last-v1.ckpt").exists()
     assert torch.load(last, weights_only=True)["global_step"] == 4
     assert main(["validate", *common, "--ckpt_path", str(last)]) == 0
@@ -125,10 +126,13 @@ class RankDump(L.Callback):
 
 
 def test_ddp_on_two_cpu_processes_ends_with_identical_weights(tiny_base, teacher_store, tmp_path):
+    """Also validates one problem on two ranks: the rank without one gets an unscored copy instead of
+    never logging the metric while the other waits in the sync (a hang before)."""
     (tmp_path / "rank_dump.py").write_text(RANK_DUMP)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     args = tiny_args(tiny_base, teacher_store, tmp_path / "run", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                      "--trainer.max_steps", "2", "--trainer.callbacks+=rank_dump.RankDump",
+                     "--data.val_limit", "1", "--trainer.val_check_interval", "2",  # one validation problem, two ranks
                      "--trainer.callbacks.out", str(tmp_path))
     qthink = Path(sys.executable).parent / "qthink"
     done = subprocess.run([sys.executable, str(qthink), "fit", *args], env=env, capture_output=True, text=True, timeout=300)

@@ -15,7 +15,7 @@ run with `use_distributed_sampler: false`; `qthink fit --ckpt_path last` then co
 import json
 import math
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -113,6 +113,7 @@ class Example:
     prompt_ids: list[int]
     answer_ids: list[int] = field(default_factory=list)
     record: dict | None = None
+    padding: bool = False  # a copy that evens out the ranks' validation shares; not scored
 
 
 class TeacherDataset(Dataset):
@@ -160,7 +161,7 @@ def collate_train(items: list[tuple[Example, dict]], pad_id: int) -> dict[str, t
 def collate_eval(examples: list[Example], pad_id: int) -> dict[str, Any]:
     prompts = left_pad([ex.prompt_ids for ex in examples], pad_id)
     return {"prompt_ids": prompts.input_ids, "prompt_mask": prompts.attention_mask,
-            "records": [ex.record for ex in examples],
+            "records": [ex.record for ex in examples], "scored": [not ex.padding for ex in examples],
             "problem_index": torch.tensor([ex.problem_index for ex in examples], dtype=torch.long)}
 
 
@@ -432,7 +433,11 @@ class TeacherDataModule(L.LightningDataModule):
 
     def _eval_loader(self, name: str) -> DataLoader:
         rank, world = self._rank_world()
-        examples = self.datasets[name][rank::world]  # no padding: every problem is scored once
+        # every problem is scored once; ranks with a shorter share get unscored copies, so that every rank
+        # runs the same number of steps and logs the metric (a rank with none would hang the others' sync)
+        examples = self.datasets[name][rank::world]
+        width = math.ceil(len(self.datasets[name]) / world)
+        examples += [replace(self.datasets[name][0], padding=True)] * (width - len(examples))
         return DataLoader(examples, batch_size=self.val_batch_size, num_workers=self.num_workers,
                           collate_fn=partial(collate_eval, pad_id=self.tokenizer.pad_token_id))
 

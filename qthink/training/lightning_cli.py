@@ -39,6 +39,10 @@ class QThinkCLI(LightningCLI):
     def before_fit(self) -> None:
         """A second fit into a run folder would write `last-v1.ckpt` beside the old `last.ckpt` (which export
         and `--ckpt_path last` would then disagree on): resume it or choose another folder."""
+        # fp16's grad scaler skips steps whose gradients overflow; the module's finite-gradient guard stops
+        # the run at the first such step instead, so fp16 cannot train here
+        require(not str(self.trainer.precision).startswith("16"), f"trainer.precision {self.trainer.precision} is "
+                "not supported (its overflow-skipping conflicts with the finite-gradient guard): use bf16-mixed or 32-true")
         callback = self.trainer.checkpoint_callback
         last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
         require(last is None or not last.exists() or self.config["fit"].get("ckpt_path") is not None,

@@ -325,8 +325,9 @@ class QThinkModule(L.LightningModule):
         for row, record in enumerate(batch["records"]):
             text = output_text(tok, gen.tokens[row, : gen.lengths[row]].tolist(), bool(gen.finished[row]))
             scores = grade_output(task, text, record)
+            weight = 1.0 if batch.get("scored", [True] * len(batch["records"]))[row] else 0.0  # padding copies: 0
             for name in task.metrics:
-                metrics[name].update(float(scores[name]))
+                metrics[name].update(float(scores[name]), weight=weight)
             samples.append((task.prompt(record), text, task.reference(record), scores[task.metrics[0]]))
         size = len(batch["records"])
         for name, metric in metrics.items():  # torchmetrics syncs across DDP ranks at epoch end
