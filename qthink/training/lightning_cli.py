@@ -41,7 +41,8 @@ class QThinkCLI(LightningCLI):
         and `--ckpt_path last` would then disagree on): resume it or choose another folder."""
         # fp16's grad scaler skips steps whose gradients overflow; the module's finite-gradient guard stops
         # the run at the first such step instead, so fp16 cannot train here
-        require(not str(self.trainer.precision).startswith("16"), f"trainer.precision {self.trainer.precision} is "
+        precision = str(self.config["fit"]["trainer"].get("precision"))  # as asked (on CPU Lightning swaps it)
+        require(not precision.startswith("16"), f"trainer.precision {precision} is "
                 "not supported (its overflow-skipping conflicts with the finite-gradient guard): use bf16-mixed or 32-true")
         callback = self.trainer.checkpoint_callback
         last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
