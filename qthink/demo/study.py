@@ -118,6 +118,14 @@ def plot_study(scores: dict[tuple[str, int, int], list[float]], s: DemoSettings,
     return out
 
 
+def study_table(scores: dict[tuple[str, int, int], list[float]], s: DemoSettings) -> str:
+    """Exact match per (positions, K) row and problem-count column; cells with several seeds give
+    mean ± std (min–max)."""
+    rows = [("sft", 0, "SFT (K=0)")] + [(sc, K, f"{sc}, K={K}") for sc in SCHEMES for K in KS]
+    body = [[label, *(spread(scores[(sc, K, n)]) for n in PROBLEMS)] for sc, K, label in rows]
+    return markdown_table(["Teacher positions, latent steps", *(f"{n // 1000}k problems" for n in PROBLEMS)], body)
+
+
 def run_study(workdir: str | Path = "runs/demo", seed: int = 0, workers: int | None = None,
               settings: DemoSettings | None = None) -> Path:
     import os
@@ -139,12 +147,14 @@ def run_study(workdir: str | Path = "runs/demo", seed: int = 0, workers: int | N
     stages.run_parallel([(cell_name(*c), fit_and_eval, (workdir, s, *c)) for c in todo], workers)
     scores = collect(stages, s)
     figure = plot_study(scores, s, workdir / "study.png")
-    rows = [[sc, str(K), f"{n:,}", str(len(v)), spread(v)] for (sc, K, n), v in sorted(scores.items())]
-    table = markdown_table(["Positions", "K", "Problems", "Seeds", "Exact match: mean ± std (range)"], rows)
+    table = study_table(scores, s)
     wall = time.perf_counter() - began
+    names = [store_name(sc, K) for sc, K in stores] + [cell_name(*c) for c in todo]
+    busy = sum(stages.done[n]["seconds"] for n in names if n in stages.done) / 60  # resumed runs count it all
     text = (f"# qthink study: positions x K x problems\n\nHeld-out synthetic problems ({s.eval_problems}), "
-            f"{s.fit_steps} fit steps per cell, settings as `qthink demo`; this run {wall / 60:.0f} min "
-            f"({workers} processes).\n\n{table}\n\n![study]({figure.name})\n")
+            f"{s.fit_steps} fit steps per cell, settings as `qthink demo`; {busy:.0f} min of process time for its "
+            f"stores and fits, run {workers} at a time (this invocation: {wall / 60:.1f} min).\n\n{table}\n\n"
+            f"![study]({figure.name})\n")
     (workdir / "study.md").write_text(text)
     print("\n" + table + f"\n\n[study] {workdir / 'study.md'}, {figure}  (wall {wall / 60:.1f} min)")
     return workdir / "study.md"
