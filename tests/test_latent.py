@@ -268,3 +268,12 @@ def test_generate_cli_bad_input_process(ckpt, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_think_latents_are_batch_by_k_by_hidden_for_every_k(qt):
+    batch = left_pad(encode_prompts(qt.tokenizer, ["a=1 b=a+2 b?", "a=3 b=a*2 c=b+1 c?"]), qt.tokenizer.pad_token_id)
+    hidden = qt.model.config.hidden_size
+    for k in (0, 1, 3):
+        with torch.inference_mode():
+            state = think(qt.model, qt.head, batch.input_ids, batch.attention_mask, k)
+        assert tuple(state.latents.shape) == (2, k, hidden)

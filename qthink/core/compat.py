@@ -29,11 +29,5 @@ def new_cache(config: PretrainedConfig) -> DynamicCache:
     return DynamicCache(config=config)
 
 
-def output_cache(output) -> DynamicCache:
-    """The KV cache a forward returned, under whichever name this release uses."""
-    kv = getattr(output, "cache", None)
-    return kv if kv is not None else output.past_key_values
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

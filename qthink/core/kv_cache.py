@@ -58,12 +58,6 @@ class ReservedLayer(DynamicLayer):
         self.key_buffer = self.value_buffer = None
         self.length = 0
 
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        if self.is_initialized and tokens_to_remove < 0:
-            self.length = max(0, self.length + tokens_to_remove)
-            self._expose()
-
     def _select(self, pick) -> None:
         if self.key_buffer is not None:
             self.key_buffer, self.value_buffer = pick(self.key_buffer), pick(self.value_buffer)
@@ -71,12 +65,6 @@ class ReservedLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._select(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._select(lambda t: t[indices, ...])
-
-    def reorder_cache(self, beam_idx: Tensor) -> None:
-        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
 def reserve_cache(kv_cache, room: int):

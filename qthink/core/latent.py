@@ -173,7 +173,8 @@ def think(
         **cache_kwargs(decoder, kv_cache),
     )
     hidden = out.last_hidden_state[:, -1]
-    state = LatentState(kv_cache, mask, prompt_len, attention_mask.long().sum(-1), hidden, hidden[:, None, :0],
+    no_latents = hidden.new_zeros(batch, 0, hidden.shape[-1])  # [B, K=0, H] until latent steps are taken
+    state = LatentState(kv_cache, mask, prompt_len, attention_mask.long().sum(-1), hidden, no_latents,
                         decode_mode)
     latents = []
     for _ in range(latent_steps):
