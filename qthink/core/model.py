@@ -115,6 +115,17 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, questions: list[str], ena
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and their mask (training answers, teacher extraction, the base's pre-training)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

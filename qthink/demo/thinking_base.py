@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qthink.core.model import encode_prompts, load_base
+from qthink.core.model import encode_prompts, load_base, right_pad
 from qthink.tasks import get_task
 
 
@@ -41,13 +41,9 @@ def build_sequences(tokenizer, records: list[dict], task) -> list[tuple[list[int
 
 def collate(sequences: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, attention mask and next-token labels (-100 outside completions)."""
-    width = max(len(s) for s, _ in sequences)
-    ids = torch.full((len(sequences), width), pad_id)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), -100)
+    ids, mask = right_pad([seq for seq, _ in sequences], pad_id)
+    labels = torch.full_like(ids, -100)
     for i, (seq, start) in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
         labels[i, start - 1 : len(seq) - 1] = torch.tensor(seq[start:])
     return ids, mask, labels
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from qthink.core.latent import model_parts
-from qthink.core.model import encode_prompts, load_base, parse_dtype
+from qthink.core.model import encode_prompts, load_base, parse_dtype, right_pad
 from qthink.errors import UserError, require
 from qthink.files import atomic_write_text, local_ref
 from qthink.teachers import distributed
@@ -78,10 +78,8 @@ def extract_states(decoder: nn.Module, seqs: list[list[int]], positions: list[li
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first: an OOM shows at once
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = len(seqs[rows[0]])
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        for b, i in enumerate(rows):
-            ids[b, : len(seqs[i])] = torch.tensor(seqs[i])
+        ids, _ = right_pad([seqs[i] for i in rows], pad_id)  # causal: padding after a row never reaches it
+        width = ids.shape[1]
         pos = torch.arange(width).expand(len(rows), -1)
         hidden = decoder(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).last_hidden_state
         index = torch.tensor([positions[i] for i in rows], device=device)
@@ -362,11 +360,7 @@ def naive_states(model: nn.Module, seqs: list[list[int]], positions: list[list[i
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = len(seqs[rows[0]])
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, i in enumerate(rows):
-            ids[b, : len(seqs[i])], mask[b, : len(seqs[i])] = torch.tensor(seqs[i]), 1
+        ids, mask = right_pad([seqs[i] for i in rows], pad_id)
         result = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
         last = result.hidden_states[-1]
         for b, i in enumerate(rows):

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from qthink.core.model import encode_prompts, generation_config, left_pad, stop_ids
+from qthink.core.model import encode_prompts, generation_config, left_pad, right_pad, stop_ids
 from qthink.errors import UserError, require
 from qthink.tasks import load_problems
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
@@ -128,16 +128,6 @@ class TeacherDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Example, dict]:
         ex = self.examples[i]
         return ex, self.store.row(ex.problem_index)
-
-
-def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 def collate_train(items: list[tuple[Example, dict]], pad_id: int) -> dict[str, torch.Tensor]:
