@@ -94,6 +94,8 @@ def read_questions(path: str) -> list[str]:
         lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON lines") from e
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -110,15 +112,13 @@ def read_questions(path: str) -> list[str]:
 def generate_main(args) -> None:
     import json
 
-    import torch
-
-    from qthink.core.compat import default_device
+    from qthink.core.compat import pick_device
     from qthink.core.model import QThink, parse_dtype
 
     questions = list(args.question) + (read_questions(args.input) if args.input else [])
     if not questions:
         raise UserError("no questions given: pass -q QUESTION or --input FILE.jsonl")
-    device = torch.device(args.device) if args.device else default_device()
+    device = pick_device(args.device)
     qt = QThink.from_pretrained(args.ckpt, parse_dtype(args.dtype), device, args.trust_remote_code)
     for r in qt.generate(questions, args.latent_steps, args.max_new_tokens, args.batch_size,
                          decode_mode=args.decode_mode):

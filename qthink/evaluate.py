@@ -253,13 +253,13 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args) -> None:
-    from qthink.core.compat import default_device
+    from qthink.core.compat import pick_device
 
     targets = resolve_targets(args.targets, args.mode, args.name)
     writable_dir(args.out, "--out")  # before any generation: a bad --out must not throw a run away
     task = make_task(args.task, parse_task_options(args.task_option))
     records = load_problems(task, args.split, args.data_path, args.limit)  # bad data fails before any model loads
-    device = torch.device(args.device) if args.device else default_device()
+    device = pick_device(args.device)
     dtype = parse_dtype(args.dtype)
     summaries = []
     for t in targets:

@@ -23,7 +23,9 @@ HPARAM_EXTRAS = ("_instantiator", "_class_path")  # LightningCLI bookkeeping, no
 def read_checkpoint(ckpt_path: Path) -> dict:
     require(ckpt_path.is_file(), f"checkpoint {ckpt_path} does not exist")
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, foreign pickles
         raise UserError(f"{ckpt_path} is not a readable Lightning checkpoint ({type(e).__name__})") from e
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None

@@ -272,7 +272,7 @@ def inference_main(args, qt: QThink) -> list[dict]:
 
 
 def cli_main(args) -> None:
-    from qthink.core.compat import default_device
+    from qthink.core.compat import pick_device
 
     if args.what == "gpu":
         from qthink.bench.gpu import gpu_main
@@ -280,7 +280,7 @@ def cli_main(args) -> None:
         return gpu_main(args)
     from qthink.evaluate import choose_threads
 
-    device = torch.device(args.device) if args.device else default_device()
+    device = pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="qthink-bench-") as tmp:
         qt = load_bench_model(args.model, Path(tmp), parse_dtype(args.dtype), device)
         choose_threads(qt, args.threads)

@@ -16,6 +16,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from qthink.errors import require
+
 PAD, IM_START, IM_END, THINK, END_THINK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END, THINK, END_THINK]
 
@@ -130,6 +132,9 @@ def redraw_weights(model: torch.nn.Module, seed: int) -> None:
 
 def build_tiny_base(out: str | Path, seed: int = 0, hidden_size: int = 128, layers: int = 4) -> Path:
     """Write the tiny Qwen3 base model and its tokenizer to `out`; the same seed gives the same files."""
+    require(hidden_size >= 32 and hidden_size % 32 == 0, f"--hidden-size must be a positive multiple of 32 "
+            f"(heads are hidden/32; got {hidden_size})")
+    require(layers >= 1, f"--layers must be >= 1 (got {layers})")
     out = Path(out)
     tokenizer = build_tokenizer(seed)
     config = tiny_config(len(tokenizer), hidden_size, layers)

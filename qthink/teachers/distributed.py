@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from qthink.core.compat import default_device
+from qthink.core.compat import pick_device
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def env_ranks() -> Ranks:
 def setup(device: str | None = None) -> tuple[Ranks, torch.device]:
     """Join the process group (only when WORLD_SIZE > 1) and pick this rank's device."""
     ranks = env_ranks()
-    dev = torch.device(device) if device else default_device()
+    dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", ranks.local_rank)
     if dev.type == "cuda":

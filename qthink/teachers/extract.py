@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from qthink.core.compat import pick_device
 from qthink.core.latent import model_parts
 from qthink.core.model import encode_prompts, load_base, parse_dtype, right_pad
 from qthink.errors import UserError, require
@@ -377,7 +378,7 @@ def bench_teachers(base_dir: str | Path, rollouts: str | Path | None = None, K: 
 
     from qthink.teachers.rollouts import write_reference_rollouts
 
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = pick_device(device)
     with tempfile.TemporaryDirectory() as tmp:
         if rollouts is None:
             rollouts = write_reference_rollouts(str(base_dir), Path(tmp) / "rollouts", n=problems, G=G)
