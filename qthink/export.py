@@ -63,18 +63,18 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, base: str | None =
                 model = model.merge_and_unload(safe_merge=True)
             except ValueError as e:  # safe_merge found NaN/inf
                 raise UserError(f"{ckpt_path}: merging LoRA gives non-finite weights ({e}); export an earlier checkpoint") from e
-    model = model.to(_base_dtype(module.base_model) if dtype == "base" else parse_dtype(dtype))
+    model = model.to(_base_dtype(module.base_model, module.trust_remote_code) if dtype == "base" else parse_dtype(dtype))
     info = {**module.training_info(), "trained_steps": int(ckpt.get("global_step", 0)),
             "trained_epochs": int(ckpt.get("epoch", 0)), "lightning_checkpoint": str(Path(ckpt_path).resolve())}
     qt = QThink(model, module.tokenizer, module.head, module.latent_steps, info)
     return qt.save_pretrained(out)
 
 
-def _base_dtype(base_model: str) -> torch.dtype:
+def _base_dtype(base_model: str, trust_remote_code: bool = False) -> torch.dtype:
     """The dtype the base model is stored in (float32 when the config does not say)."""
     from transformers import AutoConfig
 
-    dtype = getattr(AutoConfig.from_pretrained(base_model), "dtype", None)
+    dtype = getattr(AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code), "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32

@@ -195,7 +195,7 @@ def finished_shards(out: Path, settings: dict) -> dict[str, dict]:
 def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6, dtype: str = "bfloat16",
                    batch_size: int = 16, position_scheme: str = "linspace", shard_size: int = 256,
                    model_dtype: str = "auto", device: str | None = None,
-                   on_shard: Callable[[dict], None] | None = None) -> dict:
+                   on_shard: Callable[[dict], None] | None = None, trust_remote_code: bool = False) -> dict:
     """Build (or finish) the teacher store `out` from the rollouts directory `rollouts`; returns the
     manifest. `on_shard(entry)` is called after each shard is on disk."""
     require(K >= 1, f"-K must be >= 1 (got {K})")
@@ -221,7 +221,7 @@ def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6,
     mine = [s for s in ranks.units(n_shards) if f"shard-{s:05d}.safetensors" not in done]
     own_progress, own = out / f"progress-rank{ranks.rank}.json", list(done.values())  # keeps what it rewrites
     if mine:
-        model, tokenizer = load_base(base, parse_dtype(model_dtype))
+        model, tokenizer = load_base(base, parse_dtype(model_dtype), trust_remote_code)
         decoder = model_parts(model.to(dev))[0]
         offsets = task_step_offsets(rmanifest.get("task")) if position_scheme == "steps" else None
         path = rollouts / ROLLOUTS
@@ -305,13 +305,15 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="problems per shard file (default 256)")
     p.add_argument("--model-dtype", default="auto", help="compute dtype: float32 | bfloat16 | float16 | auto")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
 
 
 def cli_main(args) -> int:
     start = time.perf_counter()
     try:
         manifest = build_teachers(args.base, args.rollouts, args.out, args.K, args.dtype, args.batch_size,
-                                  args.position_scheme, args.shard_size, args.model_dtype, args.device)
+                                  args.position_scheme, args.shard_size, args.model_dtype, args.device,
+                                  trust_remote_code=args.trust_remote_code)
     finally:
         distributed.teardown()
     if distributed.env_ranks().is_main:
