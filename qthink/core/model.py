@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -45,7 +46,7 @@ def load_base(path_or_repo: str, dtype: torch.dtype | None = None, trust_remote_
             str(path_or_repo), dtype=dtype or "auto", trust_remote_code=trust_remote_code
         )
         tokenizer = AutoTokenizer.from_pretrained(str(path_or_repo), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # missing, unreachable, or a cut/damaged weights file
         where = "local directory" if local.exists() else "local directory or reachable Hugging Face repo"
         raise UserError(f"cannot load model {path_or_repo!r} ({where}): {str(e).splitlines()[0]}") from e
     if dtype is None and model.dtype == torch.float16 and not torch.cuda.is_available():

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qthink.errors import UserError, require
@@ -90,9 +90,13 @@ class TeacherStore:
             if verify:
                 require(sha256_file(file) == entry["sha256"], f"{file}: checksum mismatch (corrupt or modified); "
                         "rebuild the store with `qthink teachers`")
-            self._check_shapes(file, entry["rows"])
-            with safe_open(str(file), framework="pt") as f:
-                indices = f.get_tensor("problem_index").tolist()
+            try:
+                self._check_shapes(file, entry["rows"])
+                with safe_open(str(file), framework="pt") as f:
+                    indices = f.get_tensor("problem_index").tolist()
+            except SafetensorError as e:  # a cut or damaged shard (opened without the checksum pass)
+                raise UserError(f"{file} is not a readable shard ({str(e).splitlines()[0]}); rebuild the store "
+                                "with `qthink teachers`") from e
             for row, problem in enumerate(indices):
                 self._where[int(problem)] = (s, row)
             self._files.append(file)
