@@ -38,6 +38,11 @@ def quiet_worker() -> None:
     hf_logging.disable_progress_bar()
 
 
+def default_workers() -> int:
+    """Two processes, or one on a one-core machine: the demo's default for independent stages."""
+    return min(2, os.cpu_count() or 1)
+
+
 def run_jobs(jobs: Iterable[Job], workers: int, on_done: Callable[[str, Any, float], None]) -> None:
     """Run every job, at most `workers` at a time, calling `on_done(name, result, seconds)` in this process
     as each one finishes (in completion order). With one worker the jobs run here, one after another. The

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -48,13 +47,13 @@ from qthink.errors import require
 def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, force: bool = False,
              ablation_seeds: list[int] | None = None, workers: int | None = None,
              settings: DemoSettings | None = None) -> dict:
-    from qthink.parallel import quiet_worker
+    from qthink.parallel import default_workers, quiet_worker
 
     began = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     s = settings or (QUICK if quick else DemoSettings())
-    workers = workers or min(2, os.cpu_count() or 1)
+    workers = workers or default_workers()
     # The tiny model's matmuls are too small for a second OpenMP thread to pay (on a busy machine it made
     # steps many times slower, measured): one thread per process, and independent work on two processes.
     quiet_worker()

@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from qthink.files import atomic_write_text  # noqa: E402
 from qthink.tables import markdown_table  # noqa: E402
 
 
@@ -160,7 +161,5 @@ def write_report(workdir: Path, table: str, rows: list[dict], cost: dict, settin
         lines.append(f"![training curves]({curves.name})")
     lines.append(f"![accuracy vs cost]({scatter.name})")
     report = workdir / "report.md"
-    tmp = report.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(report)
+    atomic_write_text(report, "\n".join(lines) + "\n")
     return report

@@ -4,13 +4,13 @@ processes), and `Stages`, the resumable record of which finished (`<workdir>/sta
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qthink.errors import require
+from qthink.files import atomic_write_text
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 
@@ -85,9 +85,7 @@ class Stages:
 
     def record(self, name: str, result: Any, seconds: float) -> None:
         self.done[name] = {"result": result, "seconds": round(seconds, 1)}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
         print(f"[demo] {name}: {self.done[name]['seconds']} s", flush=True)
 
     def run(self, name: str, fn, *args, **kwargs):

@@ -19,6 +19,7 @@ from pathlib import Path
 from qthink.demo.report import spread
 from qthink.demo.stages import DemoSettings, Stages, build_store, evaluate_system, fit_student, store_name
 from qthink.errors import require
+from qthink.files import atomic_write_text
 from qthink.tables import markdown_table
 
 SCHEMES = ("linspace", "steps")
@@ -128,13 +129,11 @@ def study_table(scores: dict[tuple[str, int, int], list[float]], s: DemoSettings
 
 def run_study(workdir: str | Path = "runs/demo", seed: int = 0, workers: int | None = None,
               settings: DemoSettings | None = None) -> Path:
-    import os
-
-    from qthink.parallel import quiet_worker
+    from qthink.parallel import default_workers, quiet_worker
 
     began = time.perf_counter()
     workdir, s = Path(workdir), settings or DemoSettings()
-    workers = workers or min(2, os.cpu_count() or 1)
+    workers = workers or default_workers()
     require(seed == 0, "the study reuses the demo's seed-0 fits; run the demo with --seed 0")
     stages = Stages(workdir, force=False, settings=asdict(s))
     require("rollouts" in stages.done and all(f"eval-{n}" in stages.done for n in FROM_DEMO.values()),
@@ -155,6 +154,6 @@ def run_study(workdir: str | Path = "runs/demo", seed: int = 0, workers: int | N
             f"{s.fit_steps} fit steps per cell, settings as `qthink demo`; {busy:.0f} min of process time for its "
             f"stores and fits, run {workers} at a time (this invocation: {wall / 60:.1f} min).\n\n{table}\n\n"
             f"![study]({figure.name})\n")
-    (workdir / "study.md").write_text(text)
+    atomic_write_text(workdir / "study.md", text)
     print("\n" + table + f"\n\n[study] {workdir / 'study.md'}, {figure}  (wall {wall / 60:.1f} min)")
     return workdir / "study.md"
