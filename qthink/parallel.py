@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import queue
 import socket
 import time
 import warnings
@@ -91,7 +92,20 @@ def run_ranks(fn: Callable[..., Any], kwargs: dict, world: int) -> list[Any]:
     procs = [ctx.Process(target=_rank_main, args=(rank, world, port, fn, kwargs, results)) for rank in range(world)]
     for p in procs:
         p.start()
-    outcomes = dict(results.get() for _ in procs)  # (rank, ("ok" | "error", value)), read before joining
+    outcomes: dict[int, tuple[str, Any]] = {}  # rank -> ("ok" | "error", value), read before joining
+    while len(outcomes) < world:
+        try:
+            rank, outcome = results.get(timeout=1.0)
+            outcomes[rank] = outcome
+        except queue.Empty:
+            # a rank the OS killed (out of memory, SIGKILL) never reports; its peers would wait for it forever
+            dead = [r for r, p in enumerate(procs) if r not in outcomes and p.exitcode not in (None, 0)]
+            if dead:
+                outcomes.update({r: ("error", f"exited with code {procs[r].exitcode}") for r in dead})
+                for p in procs:
+                    p.terminate()
+                for r in range(world):
+                    outcomes.setdefault(r, ("error", "stopped after another rank died"))
     for p in procs:
         p.join()
     errors = [f"rank {r}: {v}" for r, (status, v) in sorted(outcomes.items()) if status == "error"]

@@ -3,6 +3,7 @@ fails the call; ranks find each other like torchrun's."""
 
 import json
 import math
+import os
 
 import pytest
 
@@ -29,3 +30,8 @@ def test_run_ranks_gives_every_ranks_result_and_names_a_failing_rank():
     assert run_ranks(env_ranks, {}, 1) == [env_ranks()]
     with pytest.raises(RuntimeError, match="rank 0: JSONDecodeError.*rank 1: JSONDecodeError"):
         run_ranks(json.loads, {"s": "{"}, 2)
+
+
+def test_a_rank_killed_without_reporting_fails_the_call_instead_of_hanging():
+    with pytest.raises(RuntimeError, match="rank 0: exited with code 9"):
+        run_ranks(os._exit, {"status": 9}, 2)  # both ranks die the way an out-of-memory kill leaves them
