@@ -41,7 +41,7 @@ from qthink.demo.stages import (
     fit_jobs,
     store_name,
 )
-from qthink.errors import require
+from qthink.errors import UserError, require
 
 
 def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, force: bool = False,
@@ -109,9 +109,8 @@ def parse_seeds(text: str | None, flag: str) -> list[int] | None:
         return None
     try:
         return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        require(False, f"{flag} must be comma-separated integers (got {text!r})")
-        raise  # unreachable: require raised
+    except ValueError as e:
+        raise UserError(f"{flag} must be comma-separated integers (got {text!r})") from e
 
 
 def demo_settings(quick: bool, chain_steps: int | None) -> DemoSettings:
