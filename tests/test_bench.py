@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qthink.bench.gpu import QWEN3_1P7B, train_flops
+from qthink.bench.gpu import QWEN3_1P7B
 from qthink.bench.inference import (
     flatten_result,
     nocache_generate,
@@ -16,6 +16,7 @@ from qthink.bench.inference import (
 )
 from qthink.bench.seed_recipe import seed_generate
 from qthink.cli import main
+from qthink.measure import train_flops
 
 ROW_FIELDS = {"system", "batch_size", "problems_per_s", "tokens_per_s", "seconds_per_problem", "speedup_vs_seed"}
 

@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qthink.bench.teachers import bench_teachers
 from qthink.cli import main
 from qthink.errors import UserError
 from qthink.tasks import get_task
-from qthink.teachers.extract import bench_teachers, build_teachers
+from qthink.teachers.extract import build_teachers
 from qthink.teachers.rollouts import ROLLOUTS, reference_rollout, run_rollouts
 from qthink.teachers.store import TeacherStore
 

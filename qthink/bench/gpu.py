@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from qthink.arguments import parse_decode_modes
+from qthink.core.compat import default_device
 from qthink.core.latent import ProjectionHead
 from qthink.errors import require
-from qthink.measure import timed, write_json
+from qthink.measure import sync, timed, train_flops, write_json
 from qthink.tables import records_table
 
 QWEN3_1P7B = Path(__file__).resolve().parents[2] / "configs" / "qwen3-1.7b" / "model.json"
@@ -31,34 +32,11 @@ SMALL = {"batch_size": 2, "prompt_tokens": 32, "answer_tokens": 8, "latent_steps
          "infer_batch": 4, "infer_prompt_tokens": 16, "infer_new_tokens": 8}
 
 
-def train_flops(config, batch: int, prompt: int, latents: int, answer: int) -> tuple[float, float]:
-    """(model FLOPs of one LoRA training step, the same counted PaLM-style as 3 x forward).
-
-    Forward: 2 FLOPs per weight per token for the block projections, causal attention (QK^T and AV over
-    the keys each query sees) and the LM head over answer tokens only (`answer_token_losses`). Backward of frozen
-    weights needs input gradients only (1 x forward); attention needs dQ, dK and dV (2 x forward). LoRA's
-    rank-r matmuls (a few % at r=32) and the head's are left out, and so is recomputation.
-    """
-    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    per_token = 2 * layers * (2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + 3 * h * config.intermediate_size)
-    seq = prompt + latents + answer
-    attention = 4 * layers * heads * head_dim * seq * (seq + 1) / 2
-    lm_head = 2 * h * vocab * answer
-    linear = seq * per_token + lm_head
-    return batch * (2 * linear + 3 * attention), batch * 3 * (linear + attention)
-
-
 def peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if all(part in name for part in k.split())), None)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def write_random_base(config, out: Path, dtype: torch.dtype, device: torch.device) -> Path:
@@ -224,7 +202,7 @@ def gpu_main(args) -> None:
     else:
         require(Path(args.config).is_file(), f"{args.config}: no such config file; pass --config model.json")
         config = AutoConfig.for_model(**json.loads(Path(args.config).read_text()))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu":
         torch.set_num_threads(1)  # the tiny shape: see qthink.evaluate.choose_threads

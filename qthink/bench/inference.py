@@ -199,9 +199,9 @@ def teacher_store(base_dir: Path, work: Path, device: str | None) -> Path:
 
 
 def run_other(bench: str, base_dir: Path, work: Path, device: str | None, store: str | None = None) -> list[dict]:
-    """`bench_teachers` (qthink.teachers.extract) or `bench_train` (qthink.bench.train) on `base_dir`."""
+    """`bench_teachers` (qthink.bench.teachers) or `bench_train` (qthink.bench.train) on `base_dir`."""
     if bench == "teachers":
-        from qthink.teachers.extract import bench_teachers
+        from qthink.bench.teachers import bench_teachers
 
         return flatten_result(bench, bench_teachers(str(base_dir), device=device))
     from qthink.bench.train import bench_train
@@ -240,7 +240,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                        help="qthink decode modes to time, comma-separated: dynamic,static,compiled")
     sub.add_parser("inference", parents=[common, infer], help="seed vs nocache vs qthink vs think")
     sub.add_parser("train", parents=[common], help="training step, batched vs 1 x B (qthink.bench.train)")
-    sub.add_parser("teachers", parents=[common], help="teacher extraction (qthink.teachers.extract)")
+    sub.add_parser("teachers", parents=[common], help="teacher extraction (qthink.bench.teachers)")
     sub.add_parser("all", parents=[common, infer], help="inference, train and teachers: one table")
     from qthink.bench.gpu import add_gpu_arguments
 

@@ -8,77 +8,14 @@ seed's over all rows). This measures samples/s and peak memory of one optimizer 
 largest relative gradient difference between them.
 """
 
-import ctypes
-import threading
 import time
-from contextlib import contextmanager
 
-import psutil
 import torch
 
+from qthink.core.compat import pick_device
+from qthink.measure import peak_memory, sync
 from qthink.training.data import TeacherDataModule, collate_train
 from qthink.training.module import QThinkModule
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _host_bytes_in_use():
-    """A function giving the bytes malloc has handed out and not taken back (glibc), else the process RSS.
-
-    torch's CPU allocator is malloc, so this counts live tensors and not memory merely kept by the process.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-
-        def in_use() -> int:
-            info = libc.mallinfo2()
-            return info.uordblks + info.hblkhd
-
-        return in_use
-    except (OSError, AttributeError):
-        process = psutil.Process()
-        return lambda: process.memory_info().rss
-
-
-@contextmanager
-def peak_memory(device: torch.device):
-    """Yields a dict whose `bytes` is, afterwards, the peak memory above the start: the CUDA allocator's peak
-    on a GPU; on CPU, malloc's bytes in use sampled every 0.5 ms (short spikes can be missed)."""
-    result = {"bytes": 0}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        yield result
-        torch.cuda.synchronize(device)
-        result["bytes"] = torch.cuda.max_memory_allocated(device) - start
-        return
-    in_use, stop = _host_bytes_in_use(), threading.Event()
-    start = in_use()
-    peak = [start]
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], in_use())
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield result
-    finally:
-        stop.set()
-        sampler.join()
-        result["bytes"] = max(0, peak[0] - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_train(base_dir: str, store_dir: str, batch_size: int = 8, repeats: int = 3, latent_steps: int = 6,
@@ -89,7 +26,7 @@ def bench_train(base_dir: str, store_dir: str, batch_size: int = 8, repeats: int
     the fastest of `repeats` timed runs counts (after one warm-up run of each), and one more run measures
     peak memory. `precision` is `32-true` or `bf16-mixed` (autocast, as the Trainer does).
     """
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = pick_device(device)
     dm = TeacherDataModule(str(store_dir), base_model=str(base_dir), batch_size=batch_size, shuffle=False,
                            teacher_steps=None if distill == "none" else latent_steps)
     dm.setup("fit")
@@ -123,10 +60,10 @@ def bench_train(base_dir: str, store_dir: str, batch_size: int = 8, repeats: int
         grads[name] = step(batches)  # warm-up (allocator, kernels)
         times = []
         for _ in range(repeats):  # timed without the memory sampler, which takes CPU time itself
-            _sync(dev)
+            sync(dev)
             start = time.perf_counter()
             step(batches)
-            _sync(dev)
+            sync(dev)
             times.append(time.perf_counter() - start)
         with peak_memory(dev) as mem:
             step(batches)

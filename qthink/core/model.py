@@ -35,6 +35,16 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def hidden_size_of(base_model: str, trust_remote_code: bool = False) -> int:
+    """The hidden size in `base_model`'s config, without loading its weights."""
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code).hidden_size)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the config of {base_model!r}: {str(e).splitlines()[0]}") from e
+
+
 def load_base(path_or_repo: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """(model, tokenizer) from a local directory or a Hugging Face repo id, with a one-line error."""
     local = Path(path_or_repo)

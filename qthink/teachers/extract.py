@@ -19,9 +19,7 @@ the same bytes. Under `torchrun` rank r computes shards r, r+W, ...; rank 0 writ
 """
 
 import argparse
-import gc
 import json
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,9 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from qthink.core.compat import pick_device
 from qthink.core.latent import model_parts
-from qthink.core.model import encode_prompts, load_base, parse_dtype, right_pad
+from qthink.core.model import encode_prompts, hidden_size_of, load_base, parse_dtype, right_pad
 from qthink.errors import UserError, require
 from qthink.files import atomic_write_text, local_ref
 from qthink.teachers import distributed
@@ -242,15 +239,9 @@ def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6,
     distributed.barrier()
     manifest = {}
     if ranks.is_main:
-        manifest = finish_store(out, settings, rmanifest, n_shards, model_hidden(base))
+        manifest = finish_store(out, settings, rmanifest, n_shards, hidden_size_of(base, trust_remote_code))
     distributed.barrier()
     return manifest if ranks.is_main else read_json(out / MANIFEST)
-
-
-def model_hidden(base: str) -> int:
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(base).hidden_size)
 
 
 def finish_store(out: Path, settings: dict, rmanifest: dict, n_shards: int, hidden: int) -> dict:
@@ -319,99 +310,3 @@ def cli_main(args) -> int:
     if distributed.env_ranks().is_main:
         print("\n".join(summary_lines(manifest, time.perf_counter() - start)))
     return 0
-
-
-# ---- `qthink bench teachers`: this extractor against the naive full forward ----
-
-def _rss_kib(field: str) -> int:
-    match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    return int(match.group(1)) if match else 0
-
-
-def measure(fn: Callable[[], object], device: torch.device) -> tuple[object, float, float]:
-    """(result, seconds, peak MiB above the start): CUDA allocator peak, or on CPU the process's resident
-    peak (VmHWM, reset through /proc/self/clear_refs after returning freed heap with malloc_trim)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-        before = _rss_kib("VmRSS") * 1024
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = _rss_kib("VmHWM") * 1024
-    return result, time.perf_counter() - start, (peak - before) / 2**20
-
-
-@torch.inference_mode()
-def naive_states(model: nn.Module, seqs: list[list[int]], positions: list[list[int]], pad_id: int,
-                 batch_size: int, device: torch.device) -> list[Tensor]:
-    """The usual way: full sequences, attention mask, `output_hidden_states=True`, logits everywhere."""
-    out: list[Tensor | None] = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        ids, mask = right_pad([seqs[i] for i in rows], pad_id)
-        result = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-        last = result.hidden_states[-1]
-        for b, i in enumerate(rows):
-            out[i] = last[b, positions[i]].float().cpu()
-    return out  # type: ignore[return-value]
-
-
-def bench_teachers(base_dir: str | Path, rollouts: str | Path | None = None, K: int = 6, batch_size: int = 16,
-                   problems: int = 64, G: int = 4, model_dtype: str = "float32", device: str | None = None) -> dict:
-    """Extraction speed and peak memory of `extract_states` vs `naive_states` on the same rollouts (a
-    rollouts directory, or the synthetic task's reference rollouts written to a temporary one), one
-    run each, and the largest difference between the states they return."""
-    import tempfile
-
-    from qthink.teachers.rollouts import write_reference_rollouts
-
-    dev = pick_device(device)
-    with tempfile.TemporaryDirectory() as tmp:
-        if rollouts is None:
-            rollouts = write_reference_rollouts(str(base_dir), Path(tmp) / "rollouts", n=problems, G=G)
-        path = Path(rollouts) / ROLLOUTS
-        loaded = [parse_line(path, 0, read_line(path, off, n)) for _, off, n in read_rollouts(rollouts)[1]]
-    model, tokenizer = load_base(str(base_dir), parse_dtype(model_dtype))
-    model = model.to(dev)
-    specials = special_ids(tokenizer)
-    prompts = encode_prompts(tokenizer, [p["question"] for p in loaded], enable_thinking=True)
-    full, cut, positions = [], [], []
-    for problem, prompt in zip(loaded, prompts, strict=True):
-        for r in problem["rollouts"]:
-            status, ids, pos = rollout_positions(prompt, r["token_ids"], specials, "linspace", K, tokenizer)
-            if status == "valid":
-                full.append(ids)
-                cut.append(ids[: max(pos) + 1])
-                positions.append(pos)
-    require(len(full) > 0, f"{rollouts}: no rollout with a closed, non-empty think block to benchmark on")
-    decoder = model_parts(model)[0]
-    extract_states(decoder, cut[:batch_size], positions[:batch_size], tokenizer.pad_token_id, batch_size, dev)  # warm-up
-    ours, ours_s, ours_mib = measure(lambda: extract_states(decoder, cut, positions, tokenizer.pad_token_id,
-                                                            batch_size, dev), dev)
-    naive, naive_s, naive_mib = measure(lambda: naive_states(model, full, positions, tokenizer.pad_token_id,
-                                                             batch_size, dev), dev)
-    diff = max(float((a - b).abs().max()) for a, b in zip(ours, naive, strict=True))
-    scale = max(float(b.abs().max()) for b in naive)
-    return {
-        "device": str(dev), "model_dtype": model_dtype, "rollouts": len(full), "K": K, "batch_size": batch_size,
-        "mean_tokens": sum(map(len, full)) / len(full),
-        "extractor": {"rollouts_per_s": len(full) / ours_s, "seconds": ours_s, "peak_mib": ours_mib},
-        "naive": {"rollouts_per_s": len(full) / naive_s, "seconds": naive_s, "peak_mib": naive_mib},
-        "speedup": naive_s / ours_s, "memory_ratio": naive_mib / max(ours_mib, 1e-9),
-        "max_abs_diff": diff, "equal": diff <= (1e-4 if model.dtype == torch.float32 else 3e-2) * max(scale, 1.0),
-    }

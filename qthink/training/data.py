@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from qthink.core.model import encode_prompts, generation_config, left_pad, right_pad, stop_ids
+from qthink.core.model import encode_prompts, generation_config, hidden_size_of, left_pad, right_pad, stop_ids
 from qthink.errors import UserError, require
 from qthink.tasks import load_problems
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
@@ -46,15 +46,6 @@ def load_tokenizer(base_model: str, trust_remote_code: bool = False):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def hidden_size_of(base_model: str, trust_remote_code: bool = False) -> int:
-    from transformers import AutoConfig
-
-    try:
-        return int(AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code).hidden_size)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the config of {base_model!r}: {str(e).splitlines()[0]}") from e
 
 
 def same_model(a: str, b: str) -> bool:
