@@ -108,7 +108,8 @@ def train_flops(config, batch: int, prompt: int, latents: int, answer: int) -> t
     rank-r matmuls (a few % at r=32) and the head's are left out, and so is recomputation.
     """
     h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads  # configs without it split the hidden size
     per_token = 2 * layers * (2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + 3 * h * config.intermediate_size)
     seq = prompt + latents + answer
     attention = 4 * layers * heads * head_dim * seq * (seq + 1) / 2

@@ -13,7 +13,15 @@ from qthink.core.model import QThink
 from qthink.export import export_checkpoint
 from qthink.teachers.store import TeacherStore
 from qthink.training.data import ResumableSampler, TeacherDataModule
-from qthink.training.module import NonFiniteLossError, QThinkModule, distill_term, l1_per_step, lr_factor
+from qthink.training.module import (
+    THROUGHPUT_WINDOW,
+    NonFiniteLossError,
+    QThinkModule,
+    batch_tokens,
+    distill_term,
+    l1_per_step,
+    lr_factor,
+)
 
 QUESTIONS = ["a=3 b=a+4 c=b*2 d=c+5 d?", "a=1 b=a*3 c=b-2 d=c+9 d?", "a=7 b=a+1 c=b+1 d=c*2 d?"]
 
@@ -38,12 +46,13 @@ class Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-def fit(module, store, base, root, max_steps, batch_size=8, callbacks=(), ckpt_every=None, ckpt_path=None, **data):
+def fit(module, store, base, root, max_steps, batch_size=8, callbacks=(), ckpt_every=None, ckpt_path=None, logger=False,
+        **data):
     callbacks = list(callbacks)
     if ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=ckpt_every,
                                          save_top_k=-1))
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=logger, log_every_n_steps=1,
                         enable_checkpointing=bool(ckpt_every), enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
                         callbacks=callbacks, default_root_dir=root)
@@ -118,6 +127,46 @@ def reference_loss(module, batch, store, gamma: float) -> float:
         per_step = torch.stack([x for x, ok in zip(l1, valid, strict=True) if ok]).mean(0)
         loss = loss + gamma * (per_step.sum() if module.distill == "per_step" else per_step[-1])
     return float(loss)
+
+
+class GradNormReference(L.Callback):
+    """The global gradient norm computed directly (runs before the module's own `on_before_optimizer_step`)."""
+
+    def __init__(self):
+        self.norms, self.logged = [], []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        grads = [p.grad.detach().float() for p in module.parameters() if p.requires_grad and p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.logged.append(float(trainer.callback_metrics["train/grad_norm"]))
+
+
+def test_logged_lr_grad_norm_and_throughput_are_the_schedule_and_the_data(teacher_store, tiny_base, tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    steps, lr = THROUGHPUT_WINDOW + 2, 1e-3
+    module = QThinkModule(str(tiny_base), lr=lr, warmup_steps=3, min_lr_ratio=0.1)
+    recorder, reference = Recorder(), GradNormReference()
+    logger = CSVLogger(tmp_path, name="", version="")
+    fit(module, teacher_store, tiny_base, tmp_path, steps, batch_size=2, callbacks=[recorder, reference], logger=logger)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+
+    def series(name: str) -> list[float]:
+        return [float(r[name]) for r in rows if r.get(name)]
+
+    # the learning rate LearningRateMonitor logs is warmup + cosine, exactly, for both parameter groups
+    expected = [lr * lr_factor(step, 3, steps, 0.1) for step in range(steps)]
+    assert series("lr/decay") == expected and series("lr/no_decay") == expected
+    # grad_norm (Lightning's) is the norm of all gradients as one vector, as computed directly
+    assert reference.logged == pytest.approx(reference.norms, rel=1e-5) and len(reference.norms) == steps
+    # ThroughputMonitor counts problems and prompt + K + answer tokens, and reads model FLOPs per batch
+    assert series("train/samples")[-1] == 2 * steps
+    assert series("train/lengths")[-1] == sum(batch_tokens(b, module.latent_steps) for b in recorder.batches)
+    assert series("train/device/items_per_sec")[-1] > 0 and series("train/device/flops_per_sec")[-1] > 0
 
 
 @pytest.mark.parametrize("distill,teacher", [("per_step", "uniform"), ("final_step", "weighted")])

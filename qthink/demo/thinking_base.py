@@ -8,7 +8,6 @@ trains it on the synthetic task in Qwen3's two chat modes, half of the sequences
 so that, like Qwen3, it answers in both modes and thinking helps. Loss is on the completion only.
 """
 
-import math
 import random
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from qthink.core.model import encode_prompts, load_base, right_pad
 from qthink.tasks import get_task
+from qthink.training.module import lr_factor
 
 
 def thinking_completion(trace: str, answer: str) -> str:
@@ -59,12 +59,8 @@ def train_thinking_base(base: str | Path, out: str | Path, steps: int = 1000, ba
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
 
-    def lr_at(step: int) -> float:  # linear warmup, cosine to 10%
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    # the student's schedule: linear warmup, cosine to 10%
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, steps, 0.1))
     rng = random.Random(seed)
     model.train()
     losses = []

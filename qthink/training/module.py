@@ -14,14 +14,16 @@ relies on.
 """
 
 import math
-import time
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ThroughputMonitor
+from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -35,6 +37,7 @@ from qthink.core.latent import (
 )
 from qthink.core.model import QThink, load_base, output_text, stop_ids
 from qthink.errors import UserError, require
+from qthink.measure import train_flops
 from qthink.tasks.base import grade_output
 
 Distill = Literal["per_step", "final_step", "none"]
@@ -107,6 +110,19 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def batch_problems(batch: dict) -> int:
+    return int(batch["prompt_ids"].shape[0])
+
+
+def batch_tokens(batch: dict, latent_steps: int) -> int:
+    """Positions the batch runs through the model: prompt + K latent steps + answer, padding excluded."""
+    answer = int(batch["answer_mask"].sum()) if "answer_mask" in batch else 0
+    return int(batch["prompt_mask"].sum()) + answer + batch_problems(batch) * latent_steps
+
+
+THROUGHPUT_WINDOW = 10  # batches per throughput reading (ThroughputMonitor logs nothing until it has this many)
+
+
 def teacher_targets(batch: dict, teacher: Teacher) -> tuple[Tensor, Tensor]:
     """The chosen teacher [B,K,H] and which rows have one (`weighted` needs a correct rollout)."""
     valid = batch["num_valid"] > 0
@@ -177,7 +193,7 @@ class QThinkModule(L.LightningModule):
         self.tokenizer = None
         self.eval_metrics: nn.ModuleDict | None = None
         self._task_obj = None
-        self._batch_start = 0.0
+        self.flops_per_batch: float | None = None  # read by ThroughputMonitor (model FLOPs, `train_flops`)
         self.strict_loading = False  # checkpoints hold the trainable weights only
 
     # ---- model ----
@@ -248,8 +264,23 @@ class QThinkModule(L.LightningModule):
                     f"norm_h_{k + 1}": norm_h[k], f"norm_t_{k + 1}": norm_t[k]}
         return out
 
+    def configure_callbacks(self) -> list[Callback]:
+        """Learning rate (`lr/<param group>`) and throughput (`train/device/*`: problems, tokens and model
+        FLOPs per second; MFU on GPUs Lightning knows) logging; these replace same-type callbacks in a config.
+        None without a logger (LearningRateMonitor refuses to run without one)."""
+        if self._trainer is None or not self.trainer.loggers:
+            return []
+        tokens = partial(batch_tokens, latent_steps=self.latent_steps)
+        return [LearningRateMonitor(logging_interval="step"),
+                ThroughputMonitor(batch_problems, tokens, window_size=THROUGHPUT_WINDOW)]
+
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        self._batch_start = time.perf_counter()
+        ids, answer = batch["prompt_ids"], batch["answer_ids"]
+        self.flops_per_batch = train_flops(self.model.config, ids.shape[0], ids.shape[1], self.latent_steps,
+                                           answer.shape[1])[0]  # padded shapes: the work the device does
+
+    def on_validation_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.flops_per_batch = None  # decoding is not a training step; no FLOPs count for it
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = self.compute_losses(batch)
@@ -274,17 +305,10 @@ class QThinkModule(L.LightningModule):
             )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad.detach().float() for p in self.parameters() if p.requires_grad and p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
+        norm = grad_norm(self, norm_type=2).get("grad_2.0_norm_total")  # of all gradients as one vector
         if norm is not None:
             self._require_finite(norm, "gradient norm", self.trainer.fit_loop.batch_idx)
             self.log("train/grad_norm", norm)  # before clipping (the Trainer clips after this hook)
-        self.log("lr", optimizer.param_groups[0]["lr"])
-
-    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
-        tokens = batch["prompt_mask"].sum() + batch["answer_mask"].sum() + batch["prompt_ids"].shape[0] * self.latent_steps
-        seconds = max(time.perf_counter() - self._batch_start, 1e-9)
-        self.log("train/tokens_per_s", float(tokens) / seconds)  # this rank's throughput, backward included
 
     # ---- validation / test: latent greedy decoding graded by the task ----
 
@@ -350,15 +374,15 @@ class QThinkModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         """AdamW over the trainable parameters only; warmup + cosine stepped per optimizer step."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay, "name": "decay"},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "name": "no_decay"}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = self.warmup_steps if self.warmup_steps is not None else round(self.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, warmup, total, self.min_lr_ratio)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     # ---- checkpoints hold trainable weights only ----
 
