@@ -68,15 +68,10 @@ def think_span(ids: Sequence[int], think_id: int, end_think_id: int, search_from
 
 @cache
 def _byte_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's bytes_to_unicode table, used by byte-level BPE tokenizers (Qwen's too)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+    """The inverse of GPT-2's byte-to-unicode table, used by byte-level BPE tokenizers (Qwen's too)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 def _token_bytes(tokenizer, ids: Sequence[int]) -> list[bytes] | None:
