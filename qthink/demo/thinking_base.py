@@ -17,12 +17,8 @@ from tqdm.auto import tqdm
 
 from qthink.core.model import encode_prompts, load_base, right_pad
 from qthink.tasks import get_task
+from qthink.tasks.base import thinking_completion
 from qthink.training.module import lr_factor
-
-
-def thinking_completion(trace: str, answer: str) -> str:
-    """The completion in Qwen3's layout after a thinking-mode generation prompt."""
-    return f"<think>\n{trace}\n</think>\n\n{answer}"
 
 
 def build_sequences(tokenizer, records: list[dict], task) -> list[tuple[list[int], int]]:

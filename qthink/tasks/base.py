@@ -27,6 +27,12 @@ from qthink.errors import UserError, require
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
+
+def thinking_completion(think: str, answer: str) -> str:
+    """A completion in Qwen3's layout after a thinking-mode generation prompt:
+    `<think>\\n{think}\\n</think>\\n\\n{answer}` (the model's end-of-turn token not included)."""
+    return f"{THINK_OPEN}\n{think}\n{THINK_CLOSE}\n\n{answer}"
+
 # (where, record): `where` names the source for error messages, e.g. "data/test.jsonl line 17".
 Located = tuple[str, dict[str, Any]]
 

@@ -31,6 +31,7 @@ from qthink.core.latent import model_parts
 from qthink.core.model import encode_prompts, hidden_size_of, load_base, parse_dtype, right_pad
 from qthink.errors import UserError, require
 from qthink.files import atomic_write_text, local_ref
+from qthink.tasks.base import THINK_CLOSE, THINK_OPEN
 from qthink.teachers import distributed
 from qthink.teachers.positions import SCHEMES, content_positions, think_span
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
@@ -45,7 +46,7 @@ COUNT_KEYS = ("problems", "rollouts", "valid", "excluded_unclosed", "excluded_em
 
 def special_ids(tokenizer) -> tuple[int, int, int]:
     """Ids of `<think>`, `</think>` and `<|im_start|>` (which opens the assistant turn)."""
-    return tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>", "<|im_start|>"))
+    return tuple(tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE, "<|im_start|>"))
 
 
 def rollout_positions(prompt: list[int], rollout: list[int], specials: tuple[int, int, int], scheme: str, k: int,

@@ -39,6 +39,7 @@ from qthink.core.model import (
 from qthink.core.sampling import Sampler, row_seed
 from qthink.errors import UserError, require
 from qthink.files import atomic_write_text, local_ref
+from qthink.tasks.base import THINK_CLOSE, thinking_completion
 from qthink.teachers import distributed
 
 ROLLOUTS, MANIFEST = "rollouts.jsonl", "manifest.json"
@@ -184,7 +185,7 @@ def append_line(path: Path, line: str) -> None:
 def reference_rollout(tokenizer, think: str, answer: str) -> dict:
     """A completion in the rollout layout, `<think>\\n{think}\\n</think>\\n\\n{answer}<|im_end|>`, as a
     rollout entry (reward not set): how hand-written or external chains of thought are provided."""
-    text = f"<think>\n{think}\n</think>\n\n{answer}"
+    text = thinking_completion(think, answer)
     ids = tokenizer(text + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
     return {"token_ids": ids, "text": text, "finished": True}
 
@@ -290,7 +291,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
     if groups:
         model, tokenizer = load_base(base, parse_dtype(dtype))
         model = model.to(dev)
-        end_think = tokenizer.convert_tokens_to_ids("</think>")
+        end_think = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
         context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         bar = tqdm(total=todo * G, unit="rollout", desc=f"rollouts {task}/{split}", disable=not ranks.is_main,
                    dynamic_ncols=True)

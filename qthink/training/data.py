@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from qthink.core.model import encode_prompts, generation_config, hidden_size_of, left_pad, right_pad, stop_ids
 from qthink.errors import UserError, require
 from qthink.tasks import load_problems
+from qthink.tasks.base import THINK_CLOSE
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
 from qthink.teachers.store import TeacherStore
 
@@ -335,7 +336,7 @@ class TeacherDataModule(L.LightningDataModule):
         if self.answer_source == "rollout":
             require(self.rollouts_path is not None, f"{store.path}/manifest.json names no rollouts; set data.rollouts")
             rollouts = load_rollouts(self.rollouts_path, set(indices))
-        think_close, stops = tok.convert_tokens_to_ids("</think>"), stop_ids(tok, generation_config(self.base_model))
+        think_close, stops = tok.convert_tokens_to_ids(THINK_CLOSE), stop_ids(tok, generation_config(self.base_model))
 
         def is_blank(token: int) -> bool:
             return tok.decode([token]).strip() == ""
