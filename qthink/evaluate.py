@@ -97,8 +97,8 @@ def load_target(path: str, mode: str, dtype: torch.dtype | None = None, device: 
 
 def choose_threads(qt: QThink, threads: int | None = None) -> int:
     """Set torch's CPU threads: `threads` if given, else 1 for a small model (hidden size <= 512) on CPU,
-    whose matmuls are too small for intra-op parallelism to pay: on a busy 2-core machine, a second OpenMP
-    thread made the tiny model decode up to 60x slower (measured). Returns the number in use."""
+    whose matmuls are too small for intra-op parallelism to pay (docs/findings.md, F6). Returns the number
+    in use."""
     if threads:
         torch.set_num_threads(threads)
     elif qt.device.type == "cpu" and qt.model.config.hidden_size <= 512:

@@ -120,8 +120,7 @@ def redraw_weights(model: torch.nn.Module, seed: int) -> None:
     """Draw every matrix from N(0, 1/fan_in) instead of Qwen3's N(0, 0.02^2).
 
     0.02 is sized for hidden sizes in the thousands; at hidden 128 it left the model on a long plateau
-    where it predicted every digit of the synthetic task at chance (loss ln 10) after 800 steps, while with
-    1/fan_in it copied and computed digits within 200-300 steps (measured, same data and optimizer).
+    at chance (docs/findings.md, F4).
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -54,8 +54,8 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int =
     workdir.mkdir(parents=True, exist_ok=True)
     s = settings or (QUICK if quick else DemoSettings())
     workers = workers or default_workers()
-    # The tiny model's matmuls are too small for a second OpenMP thread to pay (on a busy machine it made
-    # steps many times slower, measured): one thread per process, and independent work on two processes.
+    # The tiny model's matmuls are too small for a second OpenMP thread to pay (docs/findings.md, F6):
+    # one thread per process, and independent work on two processes.
     quiet_worker()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     stages = Stages(workdir, force, asdict(s))

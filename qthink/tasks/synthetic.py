@@ -9,10 +9,8 @@ one with + - or * and a digit 1-9, all mod 10; the question asks for the last va
 
 The reference chain of thought writes each step out (operand, operation, result), so the hidden state at
 the `=` before each result is where that step's value is computed (`step_offsets`), a natural teacher
-position for the latent steps. Why written out: with the shorter trace `b=7 c=4 d=9` the tiny demo model
-had to fetch three operands from afar for every digit and, within the demo's budget, did not learn to
-think better than it answered without thinking (27% vs 29% after 1,000 steps); with the operands spelled
-out it reached 56% vs 15% after 200 steps (measured, same model, data and optimizer).
+position for the latent steps. Written out because with the short trace `b=7 c=4 d=9` the tiny model
+did not learn to think better than it answered without thinking (docs/findings.md, F5).
 
 Splits are deterministic (seeded by split name) and disjoint whatever `n` is asked: a hash of the
 question assigns every possible problem to exactly one split (about 1 in 10 to test, 1 in 10 to

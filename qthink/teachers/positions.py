@@ -42,8 +42,8 @@ def linspace_positions(length: int, k: int) -> list[int]:
 def select_evenly(candidates: Sequence[int], k: int) -> list[int]:
     """k of the (sorted, distinct) candidates spread evenly, first and last included; when there are
     fewer than k, each candidate is repeated in turn, as evenly as k allows (3 steps, k=6:
-    s1,s1,s2,s2,s3,s3), so every step keeps latent passes of its own. Repeating only the last step
-    (s1,s2,s3,s3,s3,s3) stayed at the SFT level in the demo's measurement (23% vs 92% spread)."""
+    s1,s1,s2,s2,s3,s3), so every step keeps latent passes of its own (repeating only the last stayed at
+    the SFT level: docs/findings.md, F8)."""
     n = len(candidates)
     if n >= k:
         return [candidates[i] for i in linspace_positions(n, k)]
