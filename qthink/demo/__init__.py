@@ -61,7 +61,7 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int =
     stages = Stages(workdir, force, asdict(s))
     stages.run("base", build_base, workdir, s, seed)
     stages.run("rollouts", build_rollouts, workdir, s, seed, workers)
-    stores = {("linspace", s.seed_K), ("steps", s.steps_K)}
+    stores = {("linspace", s.recipe_K), ("steps", s.steps_K)}
     stages.run_parallel([(store_name(sc, K), build_store, (workdir, sc, K)) for sc, K in sorted(stores)], workers)
     stages.run_parallel(fit_jobs(workdir, s, seed), workers)
     rows = []

@@ -28,7 +28,7 @@ class DemoSettings:
     fit_steps: int = 1000  # optimizer steps per fit (the steps student's validation settles by ~600)
     fit_batch_size: int = 32  # problems per step
     lr: float = 3e-3  # LoRA + head learning rate (cosine to 0 after 3% warm-up)
-    seed_K: int = 6  # latent steps of the seed's rows (linspace positions)
+    recipe_K: int = 6  # latent steps of the published recipe's rows (the seed's K; linspace positions)
     eval_problems: int = 300  # held-out synthetic test problems (disjoint from training by construction)
     max_new_tokens: int = 40  # generation budget (a thinking answer of 3 steps is about 30 tokens, 8 per step)
     val_every: int = 250  # validation (64 held-out problems) every this many steps
@@ -49,22 +49,22 @@ class System:
     label: str
     variant: str | None = None  # override config layered on configs/tiny/qthink.yaml (None: no fit)
     scheme: str | None = None  # teacher positions of its store
-    K: int | str = 0  # latent steps: a number, "seed" or "steps" (from the settings)
+    K: int | str = 0  # latent steps: a number, "recipe" or "steps" (from the settings)
 
 
 SYSTEMS = [
     System("base-think", "Base (thinking)"),
     System("base-nothink", "Base (no thinking)"),
     System("sft", "SFT (no latents)", "sft.yaml", "linspace", 0),
-    System("codi", "CODI (RW final-step)", "codi.yaml", "linspace", "seed"),
-    System("rw-per-step", "QThink RW per-step", "rw-per-step.yaml", "linspace", "seed"),
-    System("qthink", "QThink (seed: uniform per-step, linspace)", "uniform-per-step.yaml", "linspace", "seed"),
+    System("codi", "CODI (RW final-step)", "codi.yaml", "linspace", "recipe"),
+    System("rw-per-step", "QThink RW per-step", "rw-per-step.yaml", "linspace", "recipe"),
+    System("qthink", "QThink (seed: uniform per-step, linspace)", "uniform-per-step.yaml", "linspace", "recipe"),
     System("qthink-steps", "QThink, steps positions", "uniform-per-step.yaml", "steps", "steps"),
 ]
 
 
 def latent_steps(system: System, s: DemoSettings) -> int:
-    return {"seed": s.seed_K, "steps": s.steps_K}.get(system.K, system.K)  # type: ignore[arg-type]
+    return {"recipe": s.recipe_K, "steps": s.steps_K}.get(system.K, system.K)  # type: ignore[arg-type]
 
 
 def store_name(scheme: str, K: int) -> str:
@@ -226,6 +226,6 @@ def fit_jobs(workdir: Path, s: DemoSettings, seed: int) -> list[tuple[str, Any, 
     jobs = []
     for system in sorted((x for x in SYSTEMS if x.variant), key=lambda x: -latent_steps(x, s)):
         K = latent_steps(system, s)
-        store = store_name(system.scheme, s.seed_K if system.K == 0 else K)  # SFT reads only the problems
+        store = store_name(system.scheme, s.recipe_K if system.K == 0 else K)  # SFT reads only the problems
         jobs.append((f"fit-{system.name}", fit_student, (workdir, s, system.name, system.variant, store, K, seed)))
     return jobs

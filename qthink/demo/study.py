@@ -38,7 +38,7 @@ def cells(s: DemoSettings) -> list[tuple[str, int, int, int]]:
     """(scheme, K, problems, seed): the grid at seed 0, SFT per problem count, extra seeds for the headline."""
     out = [(sc, K, n, 0) for sc in SCHEMES for K in KS for n in PROBLEMS]
     out += [("sft", 0, n, 0) for n in PROBLEMS]
-    for sc, K in (("sft", 0), ("linspace", s.seed_K), ("steps", s.steps_K)):
+    for sc, K in (("sft", 0), ("linspace", s.recipe_K), ("steps", s.steps_K)):
         out += [(sc, K, max(PROBLEMS), seed) for seed in HEADLINE_SEEDS if seed != 0]
     return out
 
@@ -46,7 +46,7 @@ def cells(s: DemoSettings) -> list[tuple[str, int, int, int]]:
 def fit_and_eval(workdir: Path, s: DemoSettings, scheme: str, K: int, problems: int, seed: int) -> float:
     """One cell: fit, export, exact match on the held-out problems."""
     name = cell_name(scheme, K, problems, seed)
-    variant, store = ("sft.yaml", store_name("linspace", s.seed_K)) if scheme == "sft" else \
+    variant, store = ("sft.yaml", store_name("linspace", s.recipe_K)) if scheme == "sft" else \
         ("uniform-per-step.yaml", store_name(scheme, K))
     fit = fit_student(workdir, s, name, variant, store, K, seed, problems)
     summary = evaluate_system(workdir, s, name, name, Path(fit["checkpoint"]), "qthink")
@@ -56,7 +56,7 @@ def fit_and_eval(workdir: Path, s: DemoSettings, scheme: str, K: int, problems: 
 def seed_ablation(workdir: Path, s: DemoSettings, stages: Stages, seeds: list[int], run_seed: int,
                   workers: int) -> str:
     """The demo's latent rows (and SFT) refitted per seed on the same base, rollouts and stores."""
-    systems = (("sft", 0, "SFT"), ("linspace", s.seed_K, "QThink, linspace (seed's)"),
+    systems = (("sft", 0, "SFT"), ("linspace", s.recipe_K, "QThink, linspace (seed's)"),
                ("steps", s.steps_K, "QThink, steps"))
     jobs = [(cell_name(sc, K, s.train_problems, seed), fit_and_eval, (workdir, s, sc, K, s.train_problems, seed))
             for sc, K, _ in systems for seed in seeds if seed != run_seed]
@@ -103,7 +103,7 @@ def plot_study(scores: dict[tuple[str, int, int], list[float]], s: DemoSettings,
     left.set(xlabel="latent steps K", ylabel="exact match (%)", xticks=KS, ylim=(0, 102),
              title=f"{n_max:,} distinct problems, {s.chain_steps}-step chains")
     left.legend(fontsize=8)
-    for scheme, K, label in (("steps", s.steps_K, f"steps, K={s.steps_K}"), ("linspace", s.seed_K, f"linspace, K={s.seed_K} (seed's)"),
+    for scheme, K, label in (("steps", s.steps_K, f"steps, K={s.steps_K}"), ("linspace", s.recipe_K, f"linspace, K={s.recipe_K} (seed's)"),
                              ("sft", 0, "SFT")):
         m = [mean_std((scheme, K, n)) for n in PROBLEMS]
         right.errorbar(PROBLEMS, [x for x, _ in m], yerr=[e for _, e in m], marker="o", capsize=3, label=label,

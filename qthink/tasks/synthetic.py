@@ -73,7 +73,7 @@ def split_of(question: str) -> str:
     return {0: "test", 1: "validation"}.get(digest % SHARE, "train")
 
 
-def generate(split: str, n: int, steps: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+def make_problems(split: str, n: int, steps: int = 3, seed: int = 0) -> list[dict[str, Any]]:
     """`n` distinct problems of `split`, the same for the same arguments."""
     rng = random.Random(f"qthink-synthetic-{seed}-{split}")  # str seeds are hashed deterministically
     seen: set[str] = set()
@@ -120,7 +120,7 @@ class SyntheticTask(Task):
         require(
             isinstance(n, int) and n >= 1, f"synthetic problem count must be a positive integer, got {n!r}"
         )
-        return generate(split, n, self.steps, self.seed)
+        return make_problems(split, n, self.steps, self.seed)
 
     def load_hub(self, split: str) -> list[Located]:
         raise UserError("the synthetic task has no hub copy; it is generated")
