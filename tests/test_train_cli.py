@@ -1,5 +1,5 @@
 """`qthink fit|validate|export` end to end on the tiny configs: layering, resume, TensorBoard, one-line
-errors, every shipped config parsing, `extends`, and DDP on
+errors, every shipped config parsing (task files = the seed's recipe + their task, `extends`), and DDP on
 two CPU processes ending with identical weights."""
 
 import json
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qthink.cli import main
@@ -51,6 +52,27 @@ def print_config(capsys, *args: str) -> str:
         main(["fit", *args, "--print_config"])
     assert e.value.code in (0, None)
     return capsys.readouterr().out
+
+
+# what each task file adds to recipe.yaml, as command-line flags
+TASKS = {"gsm8k": ("gsm8k", "256"), "math": ("math500", "256"), "tooluse": ("tooluse", "null")}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_task_files_are_the_seed_recipe_plus_their_task(task, capsys):
+    name, val_limit = TASKS[task]
+    printed = print_config(capsys, "-c", f"{QWEN}/{task}.yaml")
+    assert printed == print_config(capsys, "-c", f"{QWEN}/recipe.yaml", "--data.task", name, "--data.val_limit", val_limit)
+    config = yaml.safe_load(printed)
+    trainer, model, data = config["trainer"], config["model"], config["data"]
+    assert (trainer["devices"], trainer["strategy"], trainer["precision"]) == (8, "ddp", "bf16-mixed")
+    assert (trainer["max_epochs"], trainer["accumulate_grad_batches"], data["batch_size"]) == (3, 16, 1)
+    assert trainer["use_distributed_sampler"] is False  # the CLI's default: TeacherDataModule shards itself
+    assert (model["lora"]["r"], model["lora"]["alpha"], model["latent_steps"], model["gamma"]) == (32, 16, 6, 2.0)
+    assert (model["lr"], model["teacher"], model["distill"]) == (2e-4, "uniform", "per_step")
+    assert (data["max_prompt_tokens"], data["max_answer_tokens"], model["val_max_new_tokens"]) == (1024, 256, 256)
+    assert trainer["default_root_dir"] == f"runs/qwen3-1.7b/{name}-qthink" and data["task"] == name
+    assert "extends" not in printed
 
 
 def test_extends_layers_the_parent_first_relative_to_the_file(tmp_path, monkeypatch, capsys):
