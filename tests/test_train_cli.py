@@ -75,6 +75,16 @@ def test_task_files_are_the_seed_recipe_plus_their_task(task, capsys):
     assert "extends" not in printed
 
 
+def test_tiny_config_is_the_seed_method_at_demo_size(capsys):
+    config = yaml.safe_load(print_config(capsys, "-c", f"{TINY}/qthink.yaml"))
+    trainer, model, data = config["trainer"], config["model"], config["data"]
+    assert (trainer["accelerator"], trainer["devices"], trainer["precision"], trainer["max_steps"]) == ("cpu", 1, "32-true", 1000)
+    assert trainer["use_distributed_sampler"] is False
+    assert (model["lr"], model["latent_steps"], model["gamma"], model["teacher"], model["distill"]) == (
+        3e-3, 6, 2.0, "uniform", "per_step")
+    assert (data["task"], data["batch_size"], data["val_split"], data["val_limit"]) == ("synthetic", 32, "validation", 64)
+
+
 def test_extends_layers_the_parent_first_relative_to_the_file(tmp_path, monkeypatch, capsys):
     """A file's `extends` is read as if its parent were the -c before it, key by key, along a chain."""
     (tmp_path / "mid").mkdir()
