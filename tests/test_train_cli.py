@@ -1,14 +1,17 @@
 """`qthink fit|validate|export` end to end on the tiny configs: layering, resume, TensorBoard, one-line
-errors, every shipped config parsing, and DDP on two CPU processes ending with identical weights."""
+errors, every shipped config parsing (task files = the seed's recipe + their task, `extends`), and DDP on
+two CPU processes ending with identical weights."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qthink.cli import main
@@ -41,6 +44,78 @@ def test_every_config_parses_and_paths_follow_default_root_dir(files, capsys):
     distill = {"sft": "none", "codi": "final_step"}.get(variant, "per_step")
     assert f"distill: {distill}" in printed
     assert f"teacher: {'weighted' if variant in ('codi', 'rw-per-step') else 'uniform'}" in printed
+
+
+def print_config(capsys, *args: str) -> str:
+    """`qthink fit ARGS --print_config` in process: the merged config as YAML (defaults included)."""
+    with pytest.raises(SystemExit) as e:
+        main(["fit", *args, "--print_config"])
+    assert e.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+# what each task file adds to recipe.yaml, as command-line flags
+TASKS = {"gsm8k": ("gsm8k", "256"), "math": ("math500", "256"), "tooluse": ("tooluse", "null")}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_task_files_are_the_seed_recipe_plus_their_task(task, capsys):
+    name, val_limit = TASKS[task]
+    printed = print_config(capsys, "-c", f"{QWEN}/{task}.yaml")
+    assert printed == print_config(capsys, "-c", f"{QWEN}/recipe.yaml", "--data.task", name, "--data.val_limit", val_limit)
+    config = yaml.safe_load(printed)
+    trainer, model, data = config["trainer"], config["model"], config["data"]
+    assert (trainer["devices"], trainer["strategy"], trainer["precision"]) == (8, "ddp", "bf16-mixed")
+    assert (trainer["max_epochs"], trainer["accumulate_grad_batches"], data["batch_size"]) == (3, 16, 1)
+    assert trainer["use_distributed_sampler"] is False  # the CLI's default: TeacherDataModule shards itself
+    assert (model["lora"]["r"], model["lora"]["alpha"], model["latent_steps"], model["gamma"]) == (32, 16, 6, 2.0)
+    assert (model["lr"], model["teacher"], model["distill"]) == (2e-4, "uniform", "per_step")
+    assert (data["max_prompt_tokens"], data["max_answer_tokens"], model["val_max_new_tokens"]) == (1024, 256, 256)
+    assert trainer["default_root_dir"] == f"runs/qwen3-1.7b/{name}-qthink" and data["task"] == name
+    assert "extends" not in printed
+
+
+def test_tiny_config_is_the_seed_method_at_demo_size(capsys):
+    config = yaml.safe_load(print_config(capsys, "-c", f"{TINY}/qthink.yaml"))
+    trainer, model, data = config["trainer"], config["model"], config["data"]
+    assert (trainer["accelerator"], trainer["devices"], trainer["precision"], trainer["max_steps"]) == ("cpu", 1, "32-true", 1000)
+    assert trainer["use_distributed_sampler"] is False
+    assert (model["lr"], model["latent_steps"], model["gamma"], model["teacher"], model["distill"]) == (
+        3e-3, 6, 2.0, "uniform", "per_step")
+    assert (data["task"], data["batch_size"], data["val_split"], data["val_limit"]) == ("synthetic", 32, "validation", 64)
+
+
+def test_extends_layers_the_parent_first_relative_to_the_file(tmp_path, monkeypatch, capsys):
+    """A file's `extends` is read as if its parent were the -c before it, key by key, along a chain."""
+    (tmp_path / "mid").mkdir()
+    (tmp_path / "mid" / "mid.yaml").write_text(f"extends: {TINY}/qthink.yaml\nmodel:\n  lr: 0.01\ndata:\n  batch_size: 8\n")
+    (tmp_path / "leaf.yaml").write_text("extends: mid/mid.yaml\ndata:\n  batch_size: 4\n")
+    monkeypatch.chdir(ROOT)  # mid/mid.yaml exists only relative to leaf.yaml
+    printed = print_config(capsys, "-c", str(tmp_path / "leaf.yaml"), "-c", f"{TINY}/sft.yaml")
+    assert printed == print_config(capsys, "-c", f"{TINY}/qthink.yaml", "-c", f"{TINY}/sft.yaml",
+                                   "--model.lr", "0.01", "--data.batch_size", "4")
+    assert "extends" not in printed
+
+
+def test_extends_mistakes_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    files = {"cycle_a.yaml": "extends: cycle_b.yaml\n", "cycle_b.yaml": "extends: cycle_a.yaml\n",
+             "self.yaml": "extends: ./self.yaml\n", "orphan.yaml": "extends: gone.yaml\n",
+             "list.yaml": "extends: [a.yaml, b.yaml]\n", "broken.yaml": "extends: self.yaml\nmodel: [\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    cases = [
+        (["-c", str(tmp_path / "cycle_a.yaml")], r"cycle_b.yaml extends cycle_a.yaml, a cycle: .*cycle_a.yaml -> "
+         r".*cycle_b.yaml -> .*cycle_a.yaml$"),
+        (["-c", str(tmp_path / "self.yaml")], r"self.yaml extends ./self.yaml, a cycle"),
+        (["-c", str(tmp_path / "orphan.yaml")], r"orphan.yaml extends gone.yaml, but .*gone.yaml does not exist"),
+        (["-c", str(tmp_path / "list.yaml")], r"list.yaml: extends must name one config file"),
+        (["-c", str(tmp_path / "broken.yaml")], r"config file .*broken.yaml is not valid YAML \(line 3"),
+        (["-c", f"{TINY}/qthink.yaml", "--extends", f"{TINY}/sft.yaml"], "extends is a config-file key"),
+    ]
+    for args, message in cases:
+        assert main(["fit", *args, "--print_config"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("qthink: error: ") and re.search(message, err[0]), err
 
 
 def test_fit_resume_validate_and_export_from_the_command_line(tiny_base, teacher_store, tmp_path):

@@ -9,7 +9,8 @@ task's `val_split` problems (no teachers needed), graded by the task.
 
 Batches: prompts left-padded, answers right-padded (labels -100 on padding), teachers stacked. The train
 loader is resumable mid-epoch and shards across DDP ranks itself (`ResumableSampler`), so the Trainer must
-run with `use_distributed_sampler: false`; `qthink fit --ckpt_path last` then continues at the exact sample.
+run with `use_distributed_sampler: false` (`qthink fit`'s default, not a config key); `qthink fit --ckpt_path
+last` then continues at the exact sample.
 """
 
 import json
