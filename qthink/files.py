@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -37,3 +38,21 @@ def writable_dir(path: str | Path, flag: str) -> Path:
         raise UserError(f"{flag} {path}: cannot create it ({e.strerror}); choose another folder") from e
     require(os.access(path, os.W_OK | os.X_OK), f"{flag} {path} is not writable; choose another folder")
     return path
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON file written by a previous run; one line saying what to do (`fix`) when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}); {fix}") from e
+
+
+def require_same_settings(path: Path, have: dict, want: dict, what: str, unrecorded: dict | None = None) -> None:
+    """A rerun into an existing output must use the settings recorded in `path` (`have`); keys missing there
+    count as `unrecorded`'s value (what runs before the key existed used)."""
+    unrecorded = unrecorded or {}
+    for key, value in want.items():
+        used = have.get(key, unrecorded.get(key))
+        require(used == value, f"{path}: this run's {key} is {value!r} but the existing {what} used {used!r}; "
+                f"rerun with the same {key} or choose another --out")

@@ -29,13 +29,13 @@ from torch import Tensor, nn
 
 from qthink.core.latent import model_parts
 from qthink.core.model import encode_prompts, hidden_size_of, load_base, parse_dtype, right_pad
-from qthink.errors import UserError, require
-from qthink.files import atomic_write_text, local_ref
+from qthink.errors import require
+from qthink.files import atomic_write_text, local_ref, read_json, require_same_settings
 from qthink.tasks.base import THINK_CLOSE, THINK_OPEN
 from qthink.teachers import distributed
 from qthink.teachers.positions import SCHEMES, content_positions, think_span
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
-from qthink.teachers.store import MANIFEST, sha256_file, write_manifest, write_shard
+from qthink.teachers.store import MANIFEST, sha256_file, shard_name, write_manifest, write_shard
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 HIDDEN_STATE = "post-norm last layer (last_hidden_state)"
@@ -163,26 +163,15 @@ def build_shard(decoder, tokenizer, problems: list[dict], k: int, scheme: str, b
 
 # ---- resumable, multi-process store building ----
 
-def check_settings(path: Path, have: dict, want: dict) -> None:
-    for key, value in want.items():
-        require(have.get(key) == value, f"{path}: this run's {key} is {value!r} but the existing store used "
-                f"{have.get(key)!r}; rerun with the same {key} or choose another --out")
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON (line {e.lineno}); delete it to rebuild") from e
-
+REBUILD = "delete it to rebuild"
 
 def finished_shards(out: Path, settings: dict) -> dict[str, dict]:
     """Shard entries already written whole (progress files, checked against the settings and sha256)."""
     found: dict[str, dict] = {}
     for path in [out / PROGRESS, *sorted(out.glob("progress-rank*.json"))]:
         if path.is_file():
-            progress = read_json(path)
-            check_settings(path, progress.get("settings", {}), settings)
+            progress = read_json(path, REBUILD)
+            require_same_settings(path, progress.get("settings", {}), settings, "store")
             for entry in progress["shards"]:
                 file = out / entry["file"]
                 if file.is_file() and sha256_file(file) == entry["sha256"]:
@@ -212,11 +201,11 @@ def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6,
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if (out / MANIFEST).is_file():
-            check_settings(out / MANIFEST, read_json(out / MANIFEST), settings)
+            require_same_settings(out / MANIFEST, read_json(out / MANIFEST, REBUILD), settings, "store")
     distributed.barrier()
     done = finished_shards(out, settings)
     n_shards = (len(entries) + shard_size - 1) // shard_size
-    mine = [s for s in ranks.units(n_shards) if f"shard-{s:05d}.safetensors" not in done]
+    mine = [s for s in ranks.units(n_shards) if shard_name(s) not in done]
     own_progress, own = out / f"progress-rank{ranks.rank}.json", list(done.values())  # keeps what it rewrites
     if mine:
         model, tokenizer = load_base(base, parse_dtype(model_dtype), trust_remote_code)
@@ -242,13 +231,13 @@ def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6,
     if ranks.is_main:
         manifest = finish_store(out, settings, rmanifest, n_shards, hidden_size_of(base, trust_remote_code))
     distributed.barrier()
-    return manifest if ranks.is_main else read_json(out / MANIFEST)
+    return manifest if ranks.is_main else read_json(out / MANIFEST, REBUILD)
 
 
 def finish_store(out: Path, settings: dict, rmanifest: dict, n_shards: int, hidden: int) -> dict:
     """Rank 0, after every rank is done: merge the progress files and write the manifest (last)."""
     done = finished_shards(out, settings)
-    names = [f"shard-{s:05d}.safetensors" for s in range(n_shards)]
+    names = [shard_name(s) for s in range(n_shards)]
     missing = [n for n in names if n not in done]
     require(not missing, f"{out}: shards {missing[:3]} were not written; rerun `qthink teachers`")
     shards = [done[n] for n in names]
@@ -264,7 +253,7 @@ def finish_store(out: Path, settings: dict, rmanifest: dict, n_shards: int, hidd
     for path in out.glob(".*.tmp"):  # leftovers of a killed run; never listed in a manifest
         path.unlink()
     write_manifest(out, manifest)
-    return read_json(out / MANIFEST)
+    return read_json(out / MANIFEST, REBUILD)
 
 
 def summary_lines(manifest: dict, seconds: float | None = None) -> list[str]:

@@ -38,7 +38,7 @@ from qthink.core.model import (
 )
 from qthink.core.sampling import Sampler, row_seed
 from qthink.errors import UserError, require
-from qthink.files import atomic_write_text, local_ref
+from qthink.files import atomic_write_text, local_ref, read_json, require_same_settings
 from qthink.tasks.base import THINK_CLOSE, thinking_completion
 from qthink.teachers import distributed
 
@@ -141,13 +141,7 @@ def check_manifest(directory: Path, settings: dict) -> None:
                 "move it away or choose another --out")
         atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
         return
-    try:
-        have = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON (line {e.lineno}); fix it or choose another --out") from e
-    for key, want in settings.items():
-        require(have.get(key, UNRECORDED.get(key)) == want, f"{path}: this run's {key} is {want!r} but the existing rollouts used "
-                f"{have.get(key)!r}; rerun with the same {key} or choose another --out")
+    require_same_settings(path, read_json(path, "fix it or choose another --out"), settings, "rollouts", UNRECORDED)
 
 
 def merge_parts(directory: Path) -> int:
