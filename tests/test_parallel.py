@@ -33,5 +33,5 @@ def test_run_ranks_gives_every_ranks_result_and_names_a_failing_rank():
 
 
 def test_a_rank_killed_without_reporting_fails_the_call_instead_of_hanging():
-    with pytest.raises(RuntimeError, match="rank 0: exited with code 9"):
+    with pytest.raises(RuntimeError, match=r"rank [01]: exited with code 9"):  # whichever the parent sees first
         run_ranks(os._exit, {"status": 9}, 2)  # both ranks die the way an out-of-memory kill leaves them
