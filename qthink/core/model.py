@@ -6,6 +6,7 @@ loads (merged LoRA), plus `projection_head.pt` (state dict, keys `mlp.0.*`, `mlp
 The seed's own usage snippet runs unchanged on a directory written by `save_pretrained`.
 """
 
+import io
 import json
 import os
 import shutil
@@ -212,7 +213,9 @@ class QThink(nn.Module):
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-            torch.save(state, tmp / HEAD_PT)
+            buffer = io.BytesIO()
+            torch.save(state, buffer)  # in memory, so a failed write is an OSError (torch's own is a RuntimeError)
+            (tmp / HEAD_PT).write_bytes(buffer.getbuffer())
             save_file(state, str(tmp / HEAD_ST))
             info = {"format": "qthink-seed-v1", "latent_steps": self.latent_steps,
                     "hidden_size": self.head.hidden_size, "hidden_state": "post-norm last layer",
@@ -226,6 +229,9 @@ class QThink(nn.Module):
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, out)
+        except (OSError, SafetensorError) as e:  # a full disk or quota: nothing of this export stays behind
+            raise UserError(f"cannot write {out}: {getattr(e, 'strerror', None) or e}; free space or choose "
+                            "another folder") from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out

@@ -20,12 +20,16 @@ hand AdamW every frozen base weight and step its scheduler per epoch.
 import argparse
 import warnings
 from pathlib import Path
+from typing import Any
 
 import yaml
 from jsonargparse import set_parsing_settings
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from qthink.errors import UserError, require
+from qthink.training.checkpoint_io import AtomicCheckpointIO
 from qthink.training.data import TeacherDataModule
 from qthink.training.module import QThinkModule
 
@@ -46,6 +50,14 @@ class QThinkCLI(LightningCLI):
         parser.add_argument(f"--{EXTENDS}", type=str | None, default=None, help=argparse.SUPPRESS)
         parser.link_arguments("model.base_model", "data.base_model")
         parser.link_arguments(("model.latent_steps", "model.distill"), "data.teacher_steps", compute_fn=teacher_steps)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, saving checkpoints atomically unless the config brings its own CheckpointIO."""
+        plugins = kwargs.get("plugins", self._get(self.config_init, "trainer", default={}).get("plugins")) or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         """A second fit into a run folder would write `last-v1.ckpt` beside the old `last.ckpt` (which export
