@@ -65,6 +65,7 @@ def setup_files(work: Path, ckpt: Path, store: Path, fit_ckpt: Path) -> None:
     (work / "bad-syntax.yaml").write_text("trainer:\n  max_steps: [1\n")
     (work / "unknown-key.yaml").write_text("trainer:\n  max_stepz: 1\n")
     (work / "bool-k.yaml").write_text("model:\n  latent_steps: true\n")
+    (work / "list.yaml").write_text("- trainer\n- model\n")
     (work / "run6" / "checkpoints").mkdir(parents=True)
     shutil.copy(fit_ckpt, work / "run6" / "checkpoints" / "last.ckpt")
     (work / "ro").mkdir()
@@ -105,6 +106,7 @@ CASES = [
      "{RUN} --ckpt_path {W}/run6/checkpoints/last.ckpt", "trained with model.latent_steps=6 but this config has 0"),
     ("fit -c {W}/missing.yaml", "config file {W}/missing.yaml does not exist"),
     ("fit -c {W}/bad-syntax.yaml", "config file {W}/bad-syntax.yaml is not valid YAML at line 3"),
+    ("fit -c {CONFIG} -c {W}/list.yaml", "config file {W}/list.yaml holds a list, not a mapping of settings"),
     ("fit -c {CONFIG} -c {W}/unknown-key.yaml", "does not accept option 'trainer.max_stepz' (in {W}/unknown-key.yaml)"),
     ("fit -c {CONFIG} -c {W}/bool-k.yaml", "model.latent_steps\": expected int. Got value: True (in {W}/bool-k.yaml)"),
     (FIT + "--trainer.max_steps many", "expected int. Got value: many (see `qthink fit --help`)"),
