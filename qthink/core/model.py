@@ -333,7 +333,7 @@ def check_checkpoint_dir(out: str | Path, sources: tuple[str | Path | None, ...]
             "choose a new or empty folder")
     # written beside `out` and renamed over it: both must be writable
     writable_dir(out, "checkpoint folder")
-    writable_dir(out.absolute().parent, "the folder holding the checkpoint,")
+    writable_dir(out.absolute().parent, "checkpoint parent folder")
 
 
 def init_checkpoint(base: str, out: str | Path, seed: int = 0, latent_steps: int = 6,

@@ -52,7 +52,7 @@ class QThinkCLI(LightningCLI):
         """Lightning would load --ckpt_path here (a traceback for a damaged file) and silently replace the
         config's model settings with the checkpoint's; instead a named file is checked (before anything is
         built) and a mismatch refused. `last` is checked in `before_fit`, once the run folder is known."""
-        given = self.config[self.config.subcommand].get("ckpt_path")
+        given = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if given is not None and given not in CKPT_NAMES:
             self.check_checkpoint(Path(given))
 
