@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 
 from qthink.core.latent import DECODE_MODES
-from qthink.errors import require
+from qthink.errors import UserError, require
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes (unknown flag, bad choice, missing argument) are a `UserError`: one line
+    and exit status 2 like every other bad input, instead of a usage block. `--help` is unchanged."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
 def add_decode_mode_argument(p: argparse.ArgumentParser) -> None:
@@ -22,3 +30,9 @@ def parse_decode_modes(text: str) -> tuple[str, ...]:
     require(bool(modes) and set(modes) <= set(DECODE_MODES),
             f"--decode-modes: {text!r} is not a comma-separated subset of {','.join(DECODE_MODES)}")
     return modes
+
+
+def require_positive(flags: dict[str, int | float | None]) -> None:
+    """Counts and budgets given on the command line must be > 0; checked before any model loads."""
+    for flag, value in flags.items():
+        require(value is None or value > 0, f"{flag} must be > 0 (got {value})")

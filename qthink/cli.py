@@ -112,12 +112,14 @@ def read_questions(path: str) -> list[str]:
 def generate_main(args) -> None:
     import json
 
+    from qthink.arguments import require_positive
     from qthink.core.compat import pick_device
     from qthink.core.model import QThink, parse_dtype
 
     questions = list(args.question) + (read_questions(args.input) if args.input else [])
     if not questions:
         raise UserError("no questions given: pass -q QUESTION or --input FILE.jsonl")
+    require_positive({"--batch-size": args.batch_size, "--max-new-tokens": args.max_new_tokens})
     device = pick_device(args.device)
     qt = QThink.from_pretrained(args.ckpt, parse_dtype(args.dtype), device, args.trust_remote_code)
     for r in qt.generate(questions, args.latent_steps, args.max_new_tokens, args.batch_size,
@@ -142,8 +144,10 @@ def top_level_help() -> str:
 
 def command_parser(name: str) -> argparse.ArgumentParser:
     """The parser of one subcommand; only that subcommand's module is imported."""
+    from qthink.arguments import OneLineParser
+
     module, help_text = COMMANDS[name]
-    parser = argparse.ArgumentParser(prog=f"qthink {name}", description=help_text)
+    parser = OneLineParser(prog=f"qthink {name}", description=help_text)
     add_arguments = LOCAL[name][0] if name in LOCAL else importlib.import_module(module).add_cli_arguments
     add_arguments(parser)
     return parser

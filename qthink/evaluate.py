@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qthink.arguments import add_decode_mode_argument
+from qthink.arguments import add_decode_mode_argument, require_positive
 from qthink.core.model import HEAD_PT, HEAD_ST, QThink, output_text, parse_dtype
 from qthink.errors import require
 from qthink.files import atomic_write_text, writable_dir
@@ -35,6 +35,7 @@ from qthink.tasks import (
     load_problems,
     make_task,
     parse_task_options,
+    print_note,
     split_think,
 )
 
@@ -159,7 +160,7 @@ def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test",
     `summary.json`. An output whose think block never closed scores 0 unless `grade_unclosed`. `target` is a path (loaded here, or given already loaded as `model`) or, in process, a
     `QThink` (mode default: `qthink` if it has a head)."""
     task = get_task(task) if isinstance(task, str) else task
-    records = load_problems(task, split, data_path, limit) if records is None else records
+    records = load_problems(task, split, data_path, limit, print_note) if records is None else records
     if isinstance(target, QThink):
         model, path = target, str(target.info.get("base_model", "in-memory"))
         mode = mode or ("qthink" if model.head is not None else "think")
@@ -256,9 +257,10 @@ def cli_main(args) -> None:
     from qthink.core.compat import pick_device
 
     targets = resolve_targets(args.targets, args.mode, args.name)
+    require_positive({"--batch-size": args.batch_size, "--max-new-tokens": args.max_new_tokens, "--threads": args.threads})
     writable_dir(args.out, "--out")  # before any generation: a bad --out must not throw a run away
     task = make_task(args.task, parse_task_options(args.task_option))
-    records = load_problems(task, args.split, args.data_path, args.limit)  # bad data fails before any model loads
+    records = load_problems(task, args.split, args.data_path, args.limit, print_note)  # bad data fails before any model loads
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype)
     summaries = []

@@ -15,29 +15,14 @@ import torch
 
 from qthink.core.model import QThink, check_checkpoint_dir, parse_dtype
 from qthink.errors import UserError, require
+from qthink.training.checkpoints import read_checkpoint, trained_hparams
 from qthink.training.module import QThinkModule
-
-HPARAM_EXTRAS = ("_instantiator", "_class_path")  # LightningCLI bookkeeping, not constructor arguments
-
-
-def read_checkpoint(ckpt_path: Path) -> dict:
-    require(ckpt_path.is_file(), f"checkpoint {ckpt_path} does not exist")
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
-            warnings.simplefilter("ignore", UserWarning)
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, foreign pickles
-        raise UserError(f"{ckpt_path} is not a readable Lightning checkpoint ({type(e).__name__})") from e
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    require(isinstance(hparams, dict) and "base_model" in hparams and "state_dict" in ckpt,
-            f"{ckpt_path} is not a `qthink fit` checkpoint (no QThinkModule hyperparameters)")
-    return ckpt
 
 
 def load_module(ckpt_path: str | Path, base: str | None = None) -> tuple[QThinkModule, dict]:
     """The trained module (float32, CPU, eval mode) and its checkpoint."""
-    ckpt = read_checkpoint(Path(ckpt_path))
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k not in HPARAM_EXTRAS}
+    ckpt = read_checkpoint(ckpt_path)
+    hparams = trained_hparams(ckpt)
     if base is not None:
         hparams["base_model"] = base
     module = QThinkModule(**hparams)

@@ -4,19 +4,35 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from qthink.errors import UserError, require
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temporary name beside `path`, flush it to disk, then rename: readers never see half."""
+def atomic_write(path: Path, write: Callable[[IO], object], binary: bool = False) -> None:
+    """Call `write(file)` on a temporary name beside `path`, flush it to disk, then rename: readers never see
+    half a file, and a kill leaves at most the temporary `.<name>.tmp` (overwritten by the next write)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:  # a full disk or quota: no cut temporary file stays behind either
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`text` written whole or not at all (`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text))
 
 
 def local_ref(path_or_id: str | Path | None) -> str | None:
@@ -29,14 +45,14 @@ def local_ref(path_or_id: str | Path | None) -> str | None:
 
 
 def writable_dir(path: str | Path, flag: str) -> Path:
-    """`path` as a folder this process can write into (created if missing); one line naming `flag` if not."""
+    """`path` as a folder this process can write into, or create; one line naming `flag` if not. Nothing is
+    created here, so a command refused after this check leaves no empty folder behind."""
     path = Path(path)
     require(not path.exists() or path.is_dir(), f"{flag} {path} is a file; give a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot create it ({e.strerror}); choose another folder") from e
-    require(os.access(path, os.W_OK | os.X_OK), f"{flag} {path} is not writable; choose another folder")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    require(existing.is_dir(), f"{flag} {path} cannot be created: {existing} is a file; choose another folder")
+    require(os.access(existing, os.W_OK | os.X_OK), f"{flag} {path} is not writable; choose another folder"
+            if existing == path else f"{flag} {path} cannot be created: {existing} is not writable; choose another folder")
     return path
 
 
@@ -56,3 +72,37 @@ def require_same_settings(path: Path, have: dict, want: dict, what: str, unrecor
         used = have.get(key, unrecorded.get(key))
         require(used == value, f"{path}: this run's {key} is {value!r} but the existing {what} used {used!r}; "
                 f"rerun with the same {key} or choose another --out")
+
+
+TEMP_MARK = "qthink-tmp"  # in the names of temporary folders that `temp_dir_beside` makes
+
+
+def temp_dir_beside(dest: Path) -> Path:
+    """A new temporary folder beside `dest` (to be renamed into place), named
+    `.<dest name>.qthink-tmp-<host>-<pid>-<random>`. Such folders left by a process of this host that is no
+    longer running (killed with -9 mid-write) are removed first; nothing else is ever touched."""
+    remove_stale_temp_dirs(dest)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.{TEMP_MARK}-{socket.gethostname()}-{os.getpid()}-",
+                                 dir=dest.parent))
+
+
+def remove_stale_temp_dirs(dest: Path) -> list[Path]:
+    """Remove the temporary folders `temp_dir_beside(dest)` made in processes of this host that have ended."""
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.{TEMP_MARK}-{re.escape(socket.gethostname())}-(\d+)-[a-z0-9_]{{8}}")
+    removed = []
+    for entry in dest.parent.iterdir() if dest.parent.is_dir() else ():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not process_alive(int(match.group(1))):
+            shutil.rmtree(entry)
+            removed.append(entry)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True

@@ -196,3 +196,21 @@ def test_eval_checks_its_output_folder_before_generating(tiny_base, tmp_path, ca
     err = capsys.readouterr().err
     assert "--out" in err and "is a file" in err and err.strip().count("\n") == 0
     assert taken.read_text() == "not a folder"
+
+
+def test_a_limit_larger_than_the_split_says_how_many_it_evaluates(tiny_base, tmp_path, capsys):
+    """Not silently capped: eval says it evaluates all 3 of 3 problems for --limit 10, and validation's
+    data.val_limit reads the split through the same `load_problems` (the same 3 records, the same note)."""
+    from qthink.tasks import load_problems
+
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{n}+1?", "answer": f"#### {n + 1}"}) + "\n" for n in range(3)))
+    out = tmp_path / "out"
+    assert main(["eval", f"{tiny_base}:nothink", "--task", "gsm8k", "--data-path", str(data), "--limit", "10",
+                 "--max-new-tokens", "2", "--out", str(out), "--no-progress"]) == 0
+    note = "gsm8k test has 3 problems, fewer than the limit of 10: using all 3"
+    assert capsys.readouterr().err.strip() == f"qthink: note: {note}"
+    assert json.loads((out / f"{tiny_base.name}-nothink" / "summary.json").read_text())["problems"] == 3
+    notes = []
+    records = load_problems(get_task("gsm8k"), "test", str(data), 10, notes.append)
+    assert len(records) == 3 and notes == [note]

@@ -5,8 +5,10 @@ two CPU processes ending with identical weights."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,7 +111,7 @@ def test_extends_mistakes_are_one_line_errors_naming_the_file(tmp_path, capsys):
         (["-c", str(tmp_path / "self.yaml")], r"self.yaml extends ./self.yaml, a cycle"),
         (["-c", str(tmp_path / "orphan.yaml")], r"orphan.yaml extends gone.yaml, but .*gone.yaml does not exist"),
         (["-c", str(tmp_path / "list.yaml")], r"list.yaml: extends must name one config file"),
-        (["-c", str(tmp_path / "broken.yaml")], r"config file .*broken.yaml is not valid YAML \(line 3"),
+        (["-c", str(tmp_path / "broken.yaml")], r"config file .*broken.yaml is not valid YAML at line 3"),
         (["-c", f"{TINY}/qthink.yaml", "--extends", f"{TINY}/sft.yaml"], "extends is a config-file key"),
     ]
     for args, message in cases:
@@ -178,6 +180,33 @@ def test_user_mistakes_are_one_line_errors(tiny_base, teacher_store, store_facto
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("qthink: error: ") and __import__("re").search(message, err[-1]), err[-1]
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_ctrl_c_during_fit_exits_130_and_leaves_a_run_that_resumes(tiny_base, teacher_store, tmp_path):
+    """SIGINT once training runs (its first checkpoint is on disk, one is saved every step): Lightning's
+    graceful shutdown, then exit status 130 like every other subcommand; every checkpoint left is whole
+    (no temporary or cut file) and `--ckpt_path last` continues the run."""
+    root = tmp_path / "run"
+    args = tiny_args(tiny_base, teacher_store, root, "--trainer.val_check_interval", "100000",
+                     "--trainer.callbacks.every_n_train_steps", "1")
+    last = root / "checkpoints" / "last.ckpt"
+    with open(tmp_path / "stderr.txt", "w") as err:  # a file, not a pipe: a full pipe would stall the run
+        run = subprocess.Popen([sys.executable, "-m", "qthink", "fit", *args, "--trainer.max_steps", "100000"],
+                               stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 240
+        while not last.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        run.send_signal(signal.SIGINT)
+        code = run.wait(timeout=120)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert code == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "qthink: interrupted" and "Traceback" not in stderr
+    files = sorted(p.name for p in (root / "checkpoints").iterdir())
+    assert "last.ckpt" in files and all(name.endswith(".ckpt") and not name.startswith(".") for name in files), files
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert all(torch.load(root / "checkpoints" / name, weights_only=True)["global_step"] <= step for name in files)
+    assert main(["fit", *args, "--trainer.max_steps", str(step + 1), "--ckpt_path", "last"]) == 0
+    assert torch.load(last, weights_only=True)["global_step"] == step + 1
 
 
 RANK_DUMP = '''

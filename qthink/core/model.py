@@ -10,7 +10,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from qthink.core.latent import DECODE_MODES, ProjectionHead, generate
 from qthink.core.sampling import Sampler, row_seed
 from qthink.errors import UserError, require
+from qthink.files import temp_dir_beside, writable_dir
 
 HEAD_PT, HEAD_ST, META = "projection_head.pt", "projection_head.safetensors", "qthink.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,10 +48,8 @@ def hidden_size_of(base_model: str, trust_remote_code: bool = False) -> int:
 
 def load_base(path_or_repo: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """(model, tokenizer) from a local directory or a Hugging Face repo id, with a one-line error."""
+    check_model_ref(path_or_repo)
     local = Path(path_or_repo)
-    if local.exists():
-        require(local.is_dir(), f"{local} is a file; give the model directory")
-        require((local / "config.json").is_file(), f"{local} has no config.json: it is not a model directory")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path_or_repo), dtype=dtype or "auto", trust_remote_code=trust_remote_code
@@ -69,13 +67,27 @@ def load_base(path_or_repo: str, dtype: torch.dtype | None = None, trust_remote_
     return model.eval(), tokenizer
 
 
+def looks_local(path_or_repo: str) -> bool:
+    """A reference that can only be a path (a hub id is `name` or `org/name`)."""
+    return Path(path_or_repo).is_absolute() or path_or_repo.startswith(".") or path_or_repo.count("/") > 1
+
+
+def check_model_ref(path_or_repo: str | Path) -> None:
+    """A local model directory, or something that can be a hub id; one line otherwise. Cheap: commands call
+    it before they write anything, so a mistyped model path leaves no manifest naming it behind."""
+    local = Path(path_or_repo)
+    if local.exists():
+        require(local.is_dir(), f"{local} is a file; give the model directory")
+        require((local / "config.json").is_file(), f"{local} has no config.json: it is not a model directory")
+    require(local.exists() or not looks_local(str(path_or_repo)), f"{path_or_repo}: no such directory")
+
+
 def _fetch(path_or_repo: str, filename: str) -> Path | None:
     """A checkpoint file from a local directory or, for a repo id, from the hub; None if absent."""
     local = Path(path_or_repo)
     if local.exists():
         return local / filename if (local / filename).is_file() else None
-    require(not (local.is_absolute() or path_or_repo.startswith(".") or path_or_repo.count("/") > 1),
-            f"{path_or_repo}: no such directory")
+    require(not looks_local(path_or_repo), f"{path_or_repo}: no such directory")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -208,7 +220,7 @@ class QThink(nn.Module):
         out = Path(out)
         check_checkpoint_dir(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = temp_dir_beside(out)  # also clears the temporary folder of an earlier export killed mid-write
         try:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
@@ -331,12 +343,13 @@ def check_checkpoint_dir(out: str | Path, sources: tuple[str | Path | None, ...]
     for source in sources:
         require(source is None or not Path(source).exists() or Path(source).resolve() != out.resolve(),
                 f"{out} is also the model this reads ({source}); write the checkpoint to another folder")
-    if not out.exists():
-        return
-    require(out.is_dir(), f"{out} is a file; choose a folder for the checkpoint")
-    require((out / META).is_file() or not any(out.iterdir()),
+    require(not out.exists() or out.is_dir(), f"{out} is a file; choose a folder for the checkpoint")
+    require(not out.exists() or (out / META).is_file() or not any(out.iterdir()),
             f"{out} is a folder with other files in it and not a qthink checkpoint; nothing was written: "
             "choose a new or empty folder")
+    # written beside `out` and renamed over it: both must be writable
+    writable_dir(out, "checkpoint folder")
+    writable_dir(out.absolute().parent, "checkpoint parent folder")
 
 
 def init_checkpoint(base: str, out: str | Path, seed: int = 0, latent_steps: int = 6,

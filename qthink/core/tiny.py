@@ -17,6 +17,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from qthink.errors import require
+from qthink.files import writable_dir
 
 PAD, IM_START, IM_END, THINK, END_THINK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END, THINK, END_THINK]
@@ -129,12 +130,27 @@ def redraw_weights(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
 
 
+# what `build_tiny_base` writes: a folder holding nothing else is an earlier tiny base it may write over
+TINY_BASE_FILES = {"chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+                   "tokenizer.json", "tokenizer_config.json"}
+
+
+def check_output_dir(out: str | Path) -> Path:
+    """`out` if it is new, empty or an earlier tiny base, and writable: any other model or file in it is
+    never overwritten."""
+    out = writable_dir(out, "output folder")
+    others = sorted(p.name for p in out.iterdir() if p.name not in TINY_BASE_FILES) if out.is_dir() else []
+    require(not others, f"{out} holds files a tiny base does not ({', '.join(others[:3])}); nothing was written: "
+            "choose a new or empty folder")
+    return out
+
+
 def build_tiny_base(out: str | Path, seed: int = 0, hidden_size: int = 128, layers: int = 4) -> Path:
     """Write the tiny Qwen3 base model and its tokenizer to `out`; the same seed gives the same files."""
     require(hidden_size >= 32 and hidden_size % 32 == 0, f"--hidden-size must be a positive multiple of 32 "
             f"(heads are hidden/32; got {hidden_size})")
     require(layers >= 1, f"--layers must be >= 1 (got {layers})")
-    out = Path(out)
+    out = check_output_dir(out)
     tokenizer = build_tokenizer(seed)
     config = tiny_config(len(tokenizer), hidden_size, layers)
     config.pad_token_id = tokenizer.pad_token_id

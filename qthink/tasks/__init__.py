@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
+import typing
+from collections.abc import Callable
 from typing import Any
 
 from qthink.errors import UserError, require
@@ -35,13 +38,24 @@ def get_task(name: str, **kwargs: Any) -> Task:
     return TASKS[name](**kwargs)
 
 
-def load_problems(task: Task, split: str, data_path: str | None = None, limit: int | None = None) -> list[dict]:
+def load_problems(task: Task, split: str, data_path: str | None = None, limit: int | None = None,
+                  note: Callable[[str], None] | None = None) -> list[dict]:
     """The first `limit` records of `split` (all without a limit). A generated task (synthetic) makes exactly
-    `limit` problems, so a limit above its default split size is honoured instead of silently capped."""
-    require(limit is None or (isinstance(limit, int) and limit > 0), f"--limit must be a positive integer (got {limit!r})")
+    `limit` problems, so a limit above its default split size is honoured instead of silently capped. A split
+    with fewer problems than `limit` gives all of them, and `note` is told how many (eval's --limit and
+    validation's data.val_limit alike)."""
+    require(limit is None or (type(limit) is int and limit > 0), f"--limit must be a positive integer (got {limit!r})")
     if "n" in inspect.signature(task.load).parameters:
         return task.load(split, data_path, n=limit)
-    return task.load(split, data_path)[:limit]
+    records = task.load(split, data_path)
+    if limit is not None and len(records) < limit and note is not None:
+        note(f"{task.name} {split} has {len(records)} problems, fewer than the limit of {limit}: using all {len(records)}")
+    return records[:limit]
+
+
+def print_note(message: str) -> None:
+    """A note on stderr that does not stop the command (e.g. a limit larger than the split)."""
+    print(f"qthink: note: {message}", file=sys.stderr, flush=True)
 
 
 def parse_task_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -58,8 +72,18 @@ def parse_task_options(pairs: list[str] | None) -> dict[str, Any]:
     return options
 
 
+def check_option_types(name: str, options: dict[str, Any]) -> None:
+    """Integer options must be integers: JSON's `true` is an int to Python (steps=true would mean 1 step)
+    and 2.5 would slip through a range check."""
+    hints = typing.get_type_hints(TASKS[name].__init__) if name in TASKS else {}
+    for key, value in options.items():
+        require(hints.get(key) is not int or type(value) is int,
+                f"task option {key}={json.dumps(value)}: {name} takes an integer {key}")
+
+
 def make_task(name: str, options: dict[str, Any] | None = None) -> Task:
     """`get_task` with constructor options from a command line or a manifest; a wrong option is one line."""
+    check_option_types(name, options or {})
     try:
         return get_task(name, **(options or {}))
     except TypeError as e:
@@ -69,4 +93,4 @@ def make_task(name: str, options: dict[str, Any] | None = None) -> Task:
 
 
 __all__ = ["TASKS", "Task", "get_task", "grade_output", "has_unclosed_think", "load_problems", "make_task",
-           "parse_task_options", "split_think"]
+           "parse_task_options", "print_note", "split_think"]

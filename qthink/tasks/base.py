@@ -150,8 +150,10 @@ def check_fields(
             f"{where}: {task} record is missing field '{field}' (expected fields: {expected}); "
             f"fix the record or point --data-path at a {task} file",
         )
+        # JSON's true/false are ints to Python: a bool passes only where bool is expected
+        wrong_bool = isinstance(record[field], bool) and bool not in (types if isinstance(types, tuple) else (types,))
         require(
-            isinstance(record[field], types),
+            isinstance(record[field], types) and not wrong_bool,
             f"{where}: {task} record field '{field}' is {type(record[field]).__name__}, expected "
             f"{_type_names(types)}; fix the record or point --data-path at a {task} file",
         )

@@ -28,9 +28,16 @@ import torch
 from torch import Tensor, nn
 
 from qthink.core.latent import model_parts
-from qthink.core.model import encode_prompts, hidden_size_of, load_base, parse_dtype, right_pad
+from qthink.core.model import (
+    check_model_ref,
+    encode_prompts,
+    hidden_size_of,
+    load_base,
+    parse_dtype,
+    right_pad,
+)
 from qthink.errors import require
-from qthink.files import atomic_write_text, local_ref, read_json, require_same_settings
+from qthink.files import atomic_write_text, local_ref, read_json, require_same_settings, writable_dir
 from qthink.tasks.base import THINK_CLOSE, THINK_OPEN
 from qthink.teachers import distributed
 from qthink.teachers.positions import SCHEMES, content_positions, think_span
@@ -189,8 +196,10 @@ def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6,
     require(dtype in STORE_DTYPES, f"--dtype {dtype!r}: use one of {', '.join(STORE_DTYPES)}")
     require(position_scheme in SCHEMES, f"--position-scheme {position_scheme!r}: use one of {', '.join(SCHEMES)}")
     require(batch_size >= 1 and shard_size >= 1, "--batch-size and --shard-size must be >= 1")
+    check_model_ref(base)
+    out = writable_dir(out, "--out")
     ranks, dev = distributed.setup(device)
-    rollouts, out = Path(rollouts), Path(out)
+    rollouts = Path(rollouts)
     rmanifest, entries = read_rollouts(rollouts)
     require(len(entries) > 0, f"{rollouts / ROLLOUTS} holds no problems")
     settings = {"base_model": local_ref(base), "rollouts": local_ref(rollouts), "rollouts_sha256": sha256_file(rollouts / ROLLOUTS),

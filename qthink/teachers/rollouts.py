@@ -29,6 +29,7 @@ from qthink.arguments import add_decode_mode_argument
 from qthink.core.latent import generate
 from qthink.core.model import (
     check_decode_mode,
+    check_model_ref,
     encode_prompts,
     left_pad,
     load_base,
@@ -38,7 +39,7 @@ from qthink.core.model import (
 )
 from qthink.core.sampling import Sampler, row_seed
 from qthink.errors import UserError, require
-from qthink.files import atomic_write_text, local_ref, read_json, require_same_settings
+from qthink.files import atomic_write_text, local_ref, read_json, require_same_settings, writable_dir
 from qthink.tasks.base import THINK_CLOSE, thinking_completion
 from qthink.teachers import distributed
 
@@ -60,8 +61,9 @@ def parse_line(path: Path, lineno: int, line: str) -> dict:
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); fix or delete that line") from e
     require(isinstance(record, dict), f"{where}: expected a JSON object per line")
-    require(isinstance(record.get("problem_index"), int) and record["problem_index"] >= 0,
-            f"{where}: needs an integer `problem_index` >= 0")
+    index = record.get("problem_index")
+    require(type(index) is int and index >= 0,  # `true` is an int to Python and would read as problem 1
+            f"{where}: needs an integer `problem_index` >= 0 (got {json.dumps(index)})")
     require(isinstance(record.get("question"), str), f"{where}: needs a string `question` (the user message)")
     rollouts = record.get("rollouts")
     require(isinstance(rollouts, list), f"{where}: needs a list `rollouts`")
@@ -245,7 +247,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
                  task_options: dict | None = None, grade_unclosed: bool = False) -> dict:
     """Sample, grade and append rollouts for the (first `limit`) problems of `task`/`split` not yet in
     `out`; returns a summary. `on_problem(index)` is called after each problem is on disk."""
-    from qthink.tasks import grade_output, has_unclosed_think, load_problems, make_task
+    from qthink.tasks import grade_output, has_unclosed_think, load_problems, make_task, print_note
 
     require(G >= 1, f"-G must be >= 1 (got {G})")
     require(batch_size >= 1, f"--batch-size must be >= 1 (got {batch_size})")
@@ -254,11 +256,12 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
     Sampler(torch.zeros(1, dtype=torch.long), temperature, top_p, top_k)  # its range checks, before any work
     require(limit is None or limit >= 1, f"--limit must be >= 1 (got {limit})")
     check_decode_mode(decode_mode)
+    check_model_ref(base)  # before the manifest names it
+    out = writable_dir(out, "--out")
     ranks, dev = distributed.setup(device)
-    out = Path(out)
     task_options = dict(task_options or {})
     task_obj = make_task(task, task_options)
-    records = load_problems(task_obj, split, data_path, limit)
+    records = load_problems(task_obj, split, data_path, limit, print_note)
     settings = {"format": FORMAT, "base_model": local_ref(base), "task": task, "task_options": task_options,
                 "split": split, "data_path": local_ref(data_path),
                 "G": G, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,

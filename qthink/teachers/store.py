@@ -77,6 +77,9 @@ class TeacherStore:
         version = self.manifest.get("format_version")
         require(version == FORMAT_VERSION, f"{manifest_path}: format_version is {version}, this qthink reads "
                 f"{FORMAT_VERSION}; rebuild the store with this version of `qthink teachers`")
+        for field in ("K", "hidden_size"):  # `true` would compare equal to 1
+            require(type(self.manifest.get(field)) is int, f"{manifest_path}: {field} must be an integer (got "
+                    f"{json.dumps(self.manifest.get(field))}); rebuild the store")
         for field, want in (expect or {}).items():
             have = self.manifest.get(field)
             require(have == want, f"teacher store {self.path}: {field} is {have!r} but the trainer expects "

@@ -390,7 +390,7 @@ class TeacherDataModule(L.LightningDataModule):
         return examples
 
     def _eval_examples(self, split: str, limit: int | None) -> list[Example]:
-        records = load_problems(self.task, split, self.data_path, limit)
+        records = load_problems(self.task, split, self.data_path, limit, rank_zero_warn)
         prompts = self._encode([self.task.prompt(r) for r in records])
         examples = [Example(i, p, record=r) for i, (p, r) in enumerate(zip(prompts, records, strict=True))
                     if len(p) <= self.max_prompt_tokens]

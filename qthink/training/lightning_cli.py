@@ -15,26 +15,32 @@ one `--trainer.default_root_dir` moves them all. Links fill what the data must a
 store check) from `model.base_model`, `data.teacher_steps` (the store's K) from `model.latent_steps`
 when distilling. The optimizer is the module's own (`auto_configure_optimizers=False`): the CLI's would
 hand AdamW every frozen base weight and step its scheduler per epoch.
+
+Bad input is one line (`UserError`): a config file that is missing or not YAML names the file, a refused
+key names the file that sets it, and a `--ckpt_path` checkpoint is read here and compared with the config
+(`qthink.training.checkpoints`) where Lightning would load it unchecked and silently put its model settings
+in place of the config's. Ctrl-C exits with status 130 after Lightning's graceful shutdown.
 """
 
 import argparse
+import re
 import warnings
 from pathlib import Path
-from typing import Any
 
 import yaml
-from jsonargparse import set_parsing_settings
+from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from qthink.errors import UserError, require
-from qthink.training.checkpoint_io import AtomicCheckpointIO
+from qthink.files import writable_dir
+from qthink.training.checkpoints import AtomicCheckpointIO, check_settings, read_checkpoint
 from qthink.training.data import TeacherDataModule
 from qthink.training.module import QThinkModule
 
-# TeacherDataModule shards the data itself, resumably; set here, not in the configs, so no config can miss it
-TRAINER_DEFAULTS = {"use_distributed_sampler": False}
+TRAINER_DEFAULTS = {"use_distributed_sampler": False}  # TeacherDataModule shards the data itself, resumably
+CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 EXTENDS = "extends"  # the top-level config-file key naming the file it builds on
 
 
@@ -51,55 +57,142 @@ class QThinkCLI(LightningCLI):
         parser.link_arguments("model.base_model", "data.base_model")
         parser.link_arguments(("model.latent_steps", "model.distill"), "data.teacher_steps", compute_fn=teacher_steps)
 
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The Trainer, saving checkpoints atomically unless the config brings its own CheckpointIO."""
-        plugins = kwargs.get("plugins", self._get(self.config_init, "trainer", default={}).get("plugins")) or []
-        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would load --ckpt_path here (a traceback for a damaged file) and silently replace the
+        config's model settings with the checkpoint's; instead a named file is checked (before anything is
+        built) and a mismatch refused. `last` is checked in `before_fit`, once the run folder is known."""
+        given = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if given is not None and given not in CKPT_NAMES:
+            self.check_checkpoint(Path(given))
 
     def before_fit(self) -> None:
-        """A second fit into a run folder would write `last-v1.ckpt` beside the old `last.ckpt` (which export
-        and `--ckpt_path last` would then disagree on): resume it or choose another folder."""
+        """Refusals before the model loads or anything is written: precision, output folders, a second fit
+        into a run folder (it would write `last-v1.ckpt` beside the old `last.ckpt`, which export and
+        `--ckpt_path last` would then disagree on: resume it or choose another folder), the checkpoint
+        `--ckpt_path last` resumes, and the teacher store."""
         # fp16's grad scaler skips steps whose gradients overflow; the module's finite-gradient guard stops
         # the run at the first such step instead, so fp16 cannot train here
         precision = str(self.config["fit"]["trainer"].get("precision"))  # as asked (on CPU Lightning swaps it)
         require(not precision.startswith("16"), f"trainer.precision {precision} is "
                 "not supported (its overflow-skipping conflicts with the finite-gradient guard): use bf16-mixed or 32-true")
-        callback = self.trainer.checkpoint_callback
-        last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
+        for flag, folder in self.output_dirs().items():  # before the model loads, not at the first checkpoint
+            writable_dir(folder, flag)
+        last = self.last_checkpoint()
         require(last is None or not last.exists() or self.config["fit"].get("ckpt_path") is not None,
                 f"{last} exists from an earlier fit: add --ckpt_path last to resume it, or set another "
                 "--trainer.default_root_dir")
+        if self.config["fit"].get("ckpt_path") == "last" and last is not None and last.exists():
+            self.check_checkpoint(last)
+        self.datamodule.open_store()  # a bad store is refused before the logger writes its first file
+
+    def before_validate(self) -> None:
+        self.datamodule.open_store()
+
+    def before_test(self) -> None:
+        self.datamodule.open_store()
+
+    def output_dirs(self) -> dict[str, str]:
+        """The folders a fit writes into, by the setting that names them."""
+        dirs = {"trainer.default_root_dir": self.trainer.default_root_dir}
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and callback.dirpath:
+            dirs["ModelCheckpoint dirpath"] = callback.dirpath
+        for logger in self.trainer.loggers:
+            if getattr(logger, "save_dir", None):
+                dirs[f"{type(logger).__name__} save_dir"] = logger.save_dir
+        return dirs
+
+    def last_checkpoint(self) -> Path | None:
+        callback = self.trainer.checkpoint_callback
+        return Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
+
+    def check_checkpoint(self, path: Path) -> None:
+        """A checkpoint given to this run must be a readable `qthink fit` checkpoint trained with the config's
+        model settings (and, resuming a fit, its training settings)."""
+        subcommand = self.config.subcommand
+        settings = self.config[subcommand]["model"].as_dict()
+        check_settings(path, read_checkpoint(path), settings, resuming=subcommand == "fit")
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """The Trainer, saving checkpoints atomically in place (unless the config names its own CheckpointIO)."""
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit as e:
+            # Lightning turns Ctrl-C into exit(1) after its graceful shutdown; qthink exits 130 for it, as
+            # every other subcommand does
+            if e.code == 1 and self.trainer.interrupted:
+                raise KeyboardInterrupt from None
+            raise
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """The config files named by -c/--config, in order."""
+    files = [value for flag, value in zip(argv, argv[1:], strict=False) if flag in ("-c", "--config")]
+    return files + [arg.split("=", 1)[1] for arg in argv if arg.startswith(("--config=", "-c="))]
+
+
+def read_config_file(value: str) -> dict:
+    """A config file that exists and is YAML, with the file named in the error (the parser names neither)."""
+    path = Path(value)
+    require(path.is_file(), f"config file {value} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {value} is not UTF-8 text (byte {e.start})") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config file {value} is not valid YAML{where}: {problem}") from e
+    require(data is None or isinstance(data, dict), f"config file {value} holds a {type(data).__name__}, not a "
+            "mapping of settings (trainer:, model:, data:)")
+    return data or {}
 
 
 def check_paths(argv: list[str]) -> None:
-    """One-line errors for config files and checkpoints that do not exist (jsonargparse prints a usage dump)."""
-    for flag, value in zip(argv, argv[1:], strict=False):
-        if flag in ("-c", "--config"):
-            require(Path(value).is_file(), f"config file {value} does not exist")
-        if flag == "--ckpt_path" and value not in ("last", "best", "hpc", "registry"):
-            require(Path(value).is_file(), f"checkpoint {value} does not exist (use --ckpt_path last to resume)")
-    for arg in argv:
-        for prefix in ("--config=", "-c="):
-            if arg.startswith(prefix):
-                require(Path(arg[len(prefix):]).is_file(), f"config file {arg[len(prefix):]} does not exist")
+    """One-line errors for config files and checkpoints that do not exist or do not parse (jsonargparse
+    prints a usage dump without the file's name)."""
+    for value in config_files(argv):
+        read_config_file(value)
+    given = [value for flag, value in zip(argv, argv[1:], strict=False) if flag == "--ckpt_path"]
+    for value in given + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--ckpt_path=")]:
+        require(value in CKPT_NAMES or Path(value).is_file(),
+                f"checkpoint {value} does not exist (use --ckpt_path last to resume)")
+
+
+def key_origin(argv: list[str], key: str) -> str:
+    """` (in FILE)` for the last config file that sets the dotted `key`, else nothing (a command-line flag)."""
+    if any(arg == f"--{key}" or arg.startswith(f"--{key}=") for arg in argv):
+        return ""  # the command line wins over every file
+    for value in reversed(config_files(argv)):
+        node = read_config_file(value)
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return f" (in {value})"
+    return ""
+
+
+def one_line(message: str, argv: list[str]) -> str:
+    """A jsonargparse error on one line (it spreads nested causes over indented lines), naming the config
+    file that holds the key it refuses."""
+    text = re.sub(r"Expected a <class '([\w.]+)'>", r"expected \1", " ".join(message.split()))
+    key = re.search(r"""(?:option|Parser key) ['"]([\w.]+)['"]""", text)
+    return text + (key_origin(argv, key.group(1)) if key else "")
 
 
 def read_extends(path: Path) -> str | None:
-    """The `extends` value of a config file, None when it has none (or is not a mapping: the parser says so)."""
-    try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
-    if not isinstance(content, dict) or content.get(EXTENDS) is None:
-        return None
-    parent = content[EXTENDS]
-    require(isinstance(parent, str) and parent.strip() != "", f"config file {path}: {EXTENDS} must name one "
-            f"config file (got {parent!r})")
+    """The `extends` value of a config file, None when it has none."""
+    parent = read_config_file(str(path)).get(EXTENDS)
+    require(parent is None or (isinstance(parent, str) and parent.strip() != ""),
+            f"config file {path}: {EXTENDS} must name one config file (got {parent!r})")
     return parent
 
 
@@ -145,14 +238,18 @@ def run_lightning_cli(argv: list[str]) -> QThinkCLI:
     argv = expand_extends(argv)
     # `${trainer.default_root_dir}` in a file means the same subcommand's key (fit, validate or test).
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # argv is given on purpose
-        return QThinkCLI(
-            QThinkModule,
-            TeacherDataModule,
-            args=argv,
-            trainer_defaults=TRAINER_DEFAULTS,
-            parser_kwargs={"parser_mode": "omegaconf+"},
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # argv is given on purpose
+            return QThinkCLI(
+                QThinkModule,
+                TeacherDataModule,
+                args=argv,
+                trainer_defaults=TRAINER_DEFAULTS,
+                # a mistake raises ArgumentError (one line below) instead of printing the whole usage
+                parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+            )
+    except ArgumentError as e:
+        raise UserError(f"{one_line(str(e), argv)} (see `qthink {argv[0]} --help`)") from e

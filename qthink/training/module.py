@@ -394,3 +394,8 @@ class QThinkModule(L.LightningModule):
         missing = sorted(self.trainable_names() - set(checkpoint["state_dict"]))
         require(not missing, f"checkpoint lacks {len(missing)} trainable weights (e.g. {missing[0] if missing else ''}); "
                 "it was saved with other LoRA/K settings: resume with the config it was trained with")
+        params = dict(self.named_parameters())
+        for name in sorted(self.trainable_names()):  # a base of another size: a size-mismatch traceback otherwise
+            have, saved = tuple(params[name].shape), tuple(checkpoint["state_dict"][name].shape)
+            require(have == saved, f"checkpoint weight {name} has shape {saved} but base model {self.base_model} "
+                    f"needs {have}: it was trained on a base of another size; use the base it was trained on")

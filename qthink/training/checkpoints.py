@@ -1,0 +1,89 @@
+"""`qthink fit` checkpoints: read with one-line errors, and checked against the settings of the run that
+uses them (a resumed fit, validate, test), so that weights are never run under settings they were not
+trained with."""
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from qthink.errors import UserError, require
+from qthink.files import atomic_write
+
+HPARAM_EXTRAS = ("_instantiator", "_class_path")  # LightningCLI bookkeeping, not constructor arguments
+# what the weights mean: checked whenever a checkpoint's weights are used with a config
+MODEL_SETTINGS = ("lora", "latent_steps")
+# how they are trained: checked too when a fit resumes (a different objective or schedule would silently
+# continue another run than the one in the checkpoint)
+TRAINING_SETTINGS = ("distill", "teacher", "gamma", "lr", "weight_decay", "warmup_ratio", "warmup_steps",
+                     "min_lr_ratio", "seed")
+
+
+def read_checkpoint(ckpt_path: str | Path) -> dict:
+    """A `qthink fit` checkpoint's contents (memory-mapped, `weights_only`); a missing, cut, foreign or
+    non-qthink file is a one-line `UserError` naming it."""
+    ckpt_path = Path(ckpt_path)
+    require(ckpt_path.is_file(), f"checkpoint {ckpt_path} does not exist")
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated file, not a torch file, foreign pickles
+        raise UserError(f"{ckpt_path} is not a readable Lightning checkpoint ({type(e).__name__}); "
+                        "give a .ckpt written by `qthink fit`") from e
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    require(isinstance(hparams, dict) and "base_model" in hparams and "state_dict" in ckpt,
+            f"{ckpt_path} is not a `qthink fit` checkpoint (no QThinkModule hyperparameters)")
+    return ckpt
+
+
+def trained_hparams(ckpt: dict) -> dict:
+    """The QThinkModule constructor arguments a checkpoint was trained with."""
+    return {k: v for k, v in ckpt["hyper_parameters"].items() if k not in HPARAM_EXTRAS}
+
+
+def flat(name: str, value) -> dict:
+    """`{"model.lora.r": 32, ...}`: nested settings by dotted name, tuples as lists (YAML gives lists)."""
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in flat(f"{name}.{key}", sub).items()}
+    return {name: json.loads(json.dumps(value))}
+
+
+def check_settings(ckpt_path: str | Path, ckpt: dict, settings: dict, resuming: bool) -> None:
+    """Refuse, naming the first differing setting, a config whose model settings differ from the checkpoint's
+    (`settings`: the QThinkModule arguments of this run). Only what the weights mean is compared for
+    validate/test; a resumed fit must also train the same way."""
+    trained = trained_hparams(ckpt)
+    for key in MODEL_SETTINGS + (TRAINING_SETTINGS if resuming else ()):
+        if key not in trained or key not in settings:
+            continue
+        have, want = flat(f"model.{key}", settings[key]), flat(f"model.{key}", trained[key])
+        for name in want:
+            require(have.get(name) == want[name], f"{ckpt_path} was trained with {name}={want[name]!r} but this "
+                    f"config has {have.get(name)!r}; use the config it was trained with"
+                    + (" (or drop --ckpt_path and start a new run in another --trainer.default_root_dir)"
+                       if resuming else ""))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written like every other qthink file (`atomic_write`: a temporary name in the
+    same folder, fsync, rename). Lightning's own save writes a temporary file in the system's temporary
+    folder and moves it over the checkpoint, which is a copy where that is another file system: a kill
+    mid-copy left a cut `last.ckpt` for `--ckpt_path last` to fail on."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # in memory first: a failed write is then an OSError, not torch's RuntimeError
+        try:
+            atomic_write(path, lambda f: f.write(buffer.getbuffer()), binary=True)
+        except OSError as e:
+            kept = "the previous checkpoint is intact; " if path.exists() else ""
+            raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; {kept}free space (or choose "
+                            "another --trainer.default_root_dir) and resume with --ckpt_path last") from e
