@@ -64,7 +64,8 @@ CELLS = [
     ),
     new_code_cell(
         "from qthink.core.latent import think\n"
-        "from qthink.core.model import QThink, encode_prompts, left_pad\n"
+        "from qthink.core.model import QThink\n"
+        "from qthink.core.sequences import encode_prompts, left_pad\n"
         "from qthink.teachers.extract import rollout_positions, special_ids, task_step_offsets\n\n"
         "problems = [json.loads(line) for line in (RUN / 'rollouts' / 'rollouts.jsonl').read_text().splitlines()[:3]]\n\n"
         "for name in ('qthink', 'qthink-steps'):  # the seed's K=6 linspace student and the steps student\n"

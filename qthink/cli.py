@@ -113,8 +113,8 @@ def generate_main(args) -> None:
     import json
 
     from qthink.arguments import require_positive
-    from qthink.core.compat import pick_device
-    from qthink.core.model import QThink, parse_dtype
+    from qthink.core.device import parse_dtype, pick_device
+    from qthink.core.model import QThink
 
     questions = list(args.question) + (read_questions(args.input) if args.input else [])
     if not questions:

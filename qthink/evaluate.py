@@ -24,7 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from qthink.arguments import add_decode_mode_argument, require_positive
-from qthink.core.model import HEAD_PT, HEAD_ST, QThink, output_text, parse_dtype
+from qthink.core.device import parse_dtype
+from qthink.core.model import HEAD_PT, HEAD_ST, QThink
+from qthink.core.sequences import output_text
 from qthink.errors import require
 from qthink.files import atomic_write_text, writable_dir
 from qthink.tables import markdown_table
@@ -254,7 +256,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args) -> None:
-    from qthink.core.compat import pick_device
+    from qthink.core.device import pick_device
 
     targets = resolve_targets(args.targets, args.mode, args.name)
     require_positive({"--batch-size": args.batch_size, "--max-new-tokens": args.max_new_tokens, "--threads": args.threads})

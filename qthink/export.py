@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from qthink.core.model import QThink, check_checkpoint_dir, parse_dtype
+from qthink.core.device import parse_dtype
+from qthink.core.model import QThink, check_checkpoint_dir
 from qthink.errors import UserError, require
 from qthink.training.checkpoints import read_checkpoint, trained_hparams
 from qthink.training.module import QThinkModule

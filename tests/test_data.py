@@ -4,7 +4,7 @@ sampler, and one-line errors for stores that do not fit the model."""
 import pytest
 import torch
 
-from qthink.core.model import encode_prompts
+from qthink.core.sequences import encode_prompts
 from qthink.errors import UserError
 from qthink.tasks import get_task
 from qthink.training.data import ResumableDataLoader, ResumableSampler, TeacherDataModule, collate_train

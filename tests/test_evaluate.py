@@ -8,7 +8,8 @@ import torch
 
 from qthink.bench.inference import spread_weights
 from qthink.cli import main
-from qthink.core.model import QThink, init_checkpoint, output_text
+from qthink.core.model import QThink, init_checkpoint
+from qthink.core.sequences import output_text
 from qthink.evaluate import (
     default_mode,
     evaluate,

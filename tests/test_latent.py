@@ -21,8 +21,9 @@ from qthink.bench.seed_recipe import seed_generate
 from qthink.cli import main
 from qthink.core.kv_cache import ReservedLayer, static_capacity
 from qthink.core.latent import decode, generate, think
-from qthink.core.model import HEAD_PT, HEAD_ST, QThink, encode_prompts, init_checkpoint, left_pad
+from qthink.core.model import HEAD_PT, HEAD_ST, QThink, init_checkpoint
 from qthink.core.sampling import Sampler
+from qthink.core.sequences import encode_prompts, left_pad
 from qthink.errors import UserError
 
 WORDS = ("the a of to and in is it what how many sum total left step a=3 b=a+4 c=b*2 d? x y 7 8 9 + - * "

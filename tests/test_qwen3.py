@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qthink.bench.seed_recipe import seed_generate
-from qthink.core.model import QThink, encode_prompts, init_checkpoint, stop_ids
+from qthink.core.model import QThink, init_checkpoint
+from qthink.core.sequences import encode_prompts, stop_ids
 from qthink.tasks import get_task, grade_output
 from qthink.teachers.extract import rollout_positions, special_ids
 from qthink.teachers.positions import step_positions

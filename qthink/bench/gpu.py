@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from qthink.arguments import parse_decode_modes
-from qthink.core.compat import default_device
+from qthink.core.device import default_device
 from qthink.core.latent import ProjectionHead
 from qthink.errors import require
 from qthink.measure import sync, timed, train_flops, write_json

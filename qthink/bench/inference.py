@@ -27,8 +27,10 @@ from torch import nn
 
 from qthink.arguments import parse_decode_modes
 from qthink.bench.seed_recipe import seed_generate
+from qthink.core.device import parse_dtype
 from qthink.core.latent import ProjectionHead, model_parts
-from qthink.core.model import HEAD_PT, HEAD_ST, QThink, encode_prompts, init_checkpoint, parse_dtype
+from qthink.core.model import HEAD_PT, HEAD_ST, QThink, init_checkpoint
+from qthink.core.sequences import encode_prompts
 from qthink.errors import UserError, require
 from qthink.measure import timed, write_json
 from qthink.tables import records_table
@@ -272,7 +274,7 @@ def inference_main(args, qt: QThink) -> list[dict]:
 
 
 def cli_main(args) -> None:
-    from qthink.core.compat import pick_device
+    from qthink.core.device import pick_device
 
     if args.what == "gpu":
         from qthink.bench.gpu import gpu_main

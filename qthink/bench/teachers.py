@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from qthink.core.compat import pick_device
+from qthink.core.device import parse_dtype, pick_device
 from qthink.core.latent import model_parts
-from qthink.core.model import encode_prompts, load_base, parse_dtype, right_pad
+from qthink.core.model import load_base
+from qthink.core.sequences import encode_prompts, right_pad
 from qthink.errors import require
 from qthink.measure import peak_memory, sync, timed
 from qthink.teachers.extract import extract_states, rollout_positions, special_ids

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from qthink.core.compat import pick_device
+from qthink.core.device import pick_device
 from qthink.measure import peak_memory, sync
 from qthink.training.data import TeacherDataModule, collate_train
 from qthink.training.module import QThinkModule

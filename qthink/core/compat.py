@@ -8,7 +8,6 @@ still works there with a FutureWarning and disappears in 5.40. qthink calls the 
 import inspect
 from functools import cache
 
-import torch
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
@@ -29,21 +28,3 @@ def new_cache(config: PretrainedConfig) -> DynamicCache:
     return DynamicCache(config=config)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_device(name: str | None) -> torch.device:
-    """`--device` as a torch device (default: CUDA when there is one); one line for a name torch does not
-    know or for CUDA on a machine without it."""
-    from qthink.errors import UserError
-
-    if not name:
-        return default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name!r} is not a device torch knows; use cpu or cuda (cuda:N)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this machine has no CUDA GPU torch can use; use --device cpu")
-    return device

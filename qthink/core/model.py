@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,18 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from qthink.core.latent import DECODE_MODES, ProjectionHead, generate
 from qthink.core.sampling import Sampler, row_seed
+from qthink.core.sequences import encode_prompts, left_pad, output_text, stop_ids
 from qthink.errors import UserError, require
 from qthink.files import temp_dir_beside, writable_dir
 
 HEAD_PT, HEAD_ST, META = "projection_head.pt", "projection_head.safetensors", "qthink.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None or name == "auto":
-        return None
-    require(name in DTYPES, f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def hidden_size_of(base_model: str, trust_remote_code: bool = False) -> int:
@@ -120,45 +112,6 @@ def build_head(state: dict[str, torch.Tensor], hidden_size: int, source: Path) -
         require(got[k] == shape, f"{source}: {k} has shape {got[k]} but the model's hidden size {hidden_size} needs {shape}")
     head.load_state_dict(state)
     return head
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-
-
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, questions: list[str], enable_thinking: bool = False) -> list[list[int]]:
-    """Token ids of each question as one user turn with the generation prompt (ARCHITECTURE.md contract 1)."""
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
-        )
-        for q in questions
-    ]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-
-
-def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, T] and their mask (training answers, teacher extraction, the base's pre-training)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-    return Batch(ids.to(device), mask.to(device))
 
 
 class QThink(nn.Module):
@@ -299,12 +252,6 @@ class QThink(nn.Module):
         return results  # type: ignore[return-value]
 
 
-def output_text(tokenizer, token_ids: list[int], finished: bool) -> str:
-    """The decoded output without its final EOS, with `<think>`/`</think>` kept: the graders split on them,
-    and a tokenizer that marks them special (the tiny one does) would drop them with skip_special_tokens."""
-    return tokenizer.decode(token_ids[:-1] if finished else token_ids, skip_special_tokens=False)
-
-
 def require_finite(module: nn.Module, where: str | Path) -> None:
     """One line naming the first weight holding NaN or inf: such a checkpoint answers with silent garbage."""
     for name, tensor in module.state_dict().items():
@@ -321,14 +268,6 @@ def generation_config(path_or_repo: str | Path):
         return GenerationConfig.from_pretrained(str(path_or_repo))
     except (OSError, ValueError):
         return None
-
-
-def stop_ids(tokenizer, generation_config=None) -> list[int]:
-    """Every id that ends an answer: the tokenizer's EOS and each EOS of the model's generation config
-    (Qwen3's lists `<|im_end|>` and `<|endoftext|>`), the tokenizer's first."""
-    configured = getattr(generation_config, "eos_token_id", None)
-    configured = [configured] if isinstance(configured, int) else list(configured or [])
-    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
 
 
 def check_decode_mode(decode_mode: str) -> None:

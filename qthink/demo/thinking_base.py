@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qthink.core.model import encode_prompts, load_base, right_pad
+from qthink.core.model import load_base
+from qthink.core.sequences import encode_prompts, right_pad
 from qthink.tasks import get_task
 from qthink.tasks.base import thinking_completion
 from qthink.training.module import lr_factor

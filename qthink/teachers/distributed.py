@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from qthink.core.compat import pick_device
+from qthink.core.device import pick_device
 
 
 @dataclass(frozen=True)

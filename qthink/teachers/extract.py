@@ -27,15 +27,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from qthink.core.device import parse_dtype
 from qthink.core.latent import model_parts
-from qthink.core.model import (
-    check_model_ref,
-    encode_prompts,
-    hidden_size_of,
-    load_base,
-    parse_dtype,
-    right_pad,
-)
+from qthink.core.model import check_model_ref, hidden_size_of, load_base
+from qthink.core.sequences import encode_prompts, right_pad
 from qthink.errors import require
 from qthink.files import atomic_write_text, local_ref, read_json, require_same_settings, writable_dir
 from qthink.tasks.base import THINK_CLOSE, THINK_OPEN

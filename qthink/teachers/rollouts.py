@@ -26,18 +26,11 @@ import torch
 from tqdm import tqdm
 
 from qthink.arguments import add_decode_mode_argument
+from qthink.core.device import parse_dtype
 from qthink.core.latent import generate
-from qthink.core.model import (
-    check_decode_mode,
-    check_model_ref,
-    encode_prompts,
-    left_pad,
-    load_base,
-    output_text,
-    parse_dtype,
-    stop_ids,
-)
+from qthink.core.model import check_decode_mode, check_model_ref, load_base
 from qthink.core.sampling import Sampler, row_seed
+from qthink.core.sequences import encode_prompts, left_pad, output_text, stop_ids
 from qthink.errors import UserError, require
 from qthink.files import atomic_write_text, local_ref, read_json, require_same_settings, writable_dir
 from qthink.tasks.base import THINK_CLOSE, thinking_completion

@@ -26,7 +26,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from qthink.core.model import encode_prompts, generation_config, hidden_size_of, left_pad, right_pad, stop_ids
+from qthink.core.model import generation_config, hidden_size_of
+from qthink.core.sequences import encode_prompts, left_pad, right_pad, stop_ids
 from qthink.errors import UserError, require
 from qthink.tasks import load_problems
 from qthink.tasks.base import THINK_CLOSE

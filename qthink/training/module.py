@@ -35,7 +35,8 @@ from qthink.core.latent import (
     model_parts,
     think,
 )
-from qthink.core.model import QThink, load_base, output_text, stop_ids
+from qthink.core.model import QThink, load_base
+from qthink.core.sequences import output_text, stop_ids
 from qthink.errors import UserError, require
 from qthink.measure import train_flops
 from qthink.tasks.base import grade_output
