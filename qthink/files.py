@@ -17,7 +17,8 @@ from qthink.errors import UserError, require
 
 def atomic_write(path: Path, write: Callable[[IO], object], binary: bool = False) -> None:
     """Call `write(file)` on a temporary name beside `path`, flush it to disk, then rename: readers never see
-    half a file, and a kill leaves at most the temporary `.<name>.tmp` (overwritten by the next write)."""
+    half a file; an error or Ctrl-C removes the temporary `.<name>.tmp`, and a kill -9 leaves at most that
+    (overwritten by the next write)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
@@ -25,7 +26,7 @@ def atomic_write(path: Path, write: Callable[[IO], object], binary: bool = False
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError:  # a full disk or quota: no cut temporary file stays behind either
+    except BaseException:  # a full disk, a quota or Ctrl-C mid-write: no cut temporary file stays behind
         tmp.unlink(missing_ok=True)
         raise
 

@@ -53,3 +53,20 @@ def test_an_export_that_fails_leaves_no_folder(tiny_base, teacher_store, tmp_pat
     proc = run_with_file_limit(["export", str(root / "checkpoints" / "last.ckpt"), str(out)], 200_000)
     one_line_error(proc, "cannot write")
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary folder either
+
+
+def test_a_write_interrupted_by_ctrl_c_leaves_the_old_file_and_no_temporary(tmp_path):
+    from qthink.files import atomic_write
+
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(b"previous")
+
+    def interrupted(f) -> None:
+        f.write(b"half of a checkpoint")
+        raise KeyboardInterrupt  # what SIGINT raises in the main thread, mid-write
+
+    try:
+        atomic_write(target, interrupted, binary=True)
+    except KeyboardInterrupt:
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"] and target.read_bytes() == b"previous"
