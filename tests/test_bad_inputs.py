@@ -2,9 +2,8 @@
 
 Each case builds what it needs under a work folder, runs one `qthink` command and compares the folder's
 files and folders (names and bytes) before and after. A `!` runs the command in a subprocess (those that
-build a Lightning Trainer). `{W}/ro` is a read-only folder; those cases skip as root, where chmod does not
-stop writes, unless root runs without its override:
-`setpriv --bounding-set=-dac_override,-dac_read_search pytest tests/test_bad_inputs.py`.
+build a Lightning Trainer). `{W}/ro` is a read-only folder; as root, where chmod does not stop writes, those
+cases run in a subprocess under `setpriv` without root's override (and skip where setpriv is missing).
 """
 
 import json
@@ -180,11 +179,17 @@ def names(ckpt, fit_ckpt, tiny_base, teacher_store, tmp_path_factory) -> dict[st
             "K4STORE": str(write_test_store(extra / "k4", tiny_base, K=4))}
 
 
-def run_qthink(argv: list[str], subprocess_run: bool, capsys) -> tuple[int, str]:
+# Root writes into a chmod 555 folder anyway (CAP_DAC_OVERRIDE); `setpriv` runs a command without that
+# capability, so the read-only cases run as root too where util-linux's setpriv is installed.
+WITHOUT_DAC_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"]
+
+
+def run_qthink(argv: list[str], subprocess_run: bool, capsys, prefix: list[str] = ()) -> tuple[int, str]:
     """(exit status, what it printed on stderr: in a subprocess, its last line)."""
     if not subprocess_run:
         return main(argv), capsys.readouterr().err.strip()
-    done = subprocess.run([sys.executable, "-m", "qthink", *argv], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*prefix, sys.executable, "-m", "qthink", *argv], capture_output=True, text=True,
+                          timeout=300)
     # Lightning's own start-up lines come first on stderr; the error is the last line, alone
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     return done.returncode, done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
@@ -196,11 +201,14 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(names, ckpt, fit_ckpt,
     work = tmp_path / "work"
     work.mkdir()
     setup_files(work, ckpt, teacher_store, fit_ckpt)
+    prefix, in_subprocess = [], command.startswith("!")
     if "{W}/ro" in command and os.access(work / "ro", os.W_OK):
-        pytest.skip("chmod 555 does not stop this user's writes (root)")
+        if shutil.which("setpriv") is None:
+            pytest.skip("chmod 555 does not stop this user's writes (root) and setpriv is not installed")
+        prefix, in_subprocess = WITHOUT_DAC_OVERRIDE, True
     names = {**names, "W": str(work), "RUN": str(tmp_path / "run")}
     before, ckpt_before = snapshot(work), snapshot(ckpt)
-    code, err = run_qthink(command.lstrip("!").format(**names).split(), command.startswith("!"), capsys)
+    code, err = run_qthink(command.lstrip("!").format(**names).split(), in_subprocess, capsys, prefix)
     assert code == 2, err
     assert err.startswith("qthink: error: ") and err.count("\n") == 0 and "Traceback" not in err, err
     assert message.format(**names) in err, err
