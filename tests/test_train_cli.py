@@ -201,6 +201,7 @@ def test_ctrl_c_during_fit_exits_130_and_leaves_a_run_that_resumes(tiny_base, te
     stderr = (tmp_path / "stderr.txt").read_text()
     assert code == 130, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "qthink: interrupted" and "Traceback" not in stderr
+    assert "GPU available" in stderr and "💡 Tip" not in stderr  # Lightning's advertisement filtered, its info kept
     files = sorted(p.name for p in (root / "checkpoints").iterdir())
     assert "last.ckpt" in files and all(name.endswith(".ckpt") and not name.startswith(".") for name in files), files
     step = torch.load(last, weights_only=True)["global_step"]

@@ -23,6 +23,7 @@ in place of the config's. Ctrl-C exits with status 130 after Lightning's gracefu
 """
 
 import argparse
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -232,8 +233,16 @@ def expand_extends(argv: list[str]) -> list[str]:
     return out
 
 
+def no_tips(record: logging.LogRecord) -> bool:
+    """Drop Lightning's "💡 Tip" advertisements (for its cloud logger) from every run's output."""
+    return not record.getMessage().startswith("💡 Tip")
+
+
 def run_lightning_cli(argv: list[str]) -> QThinkCLI:
     """Run `fit|validate|test` (argv[0]) with the rest of argv; user mistakes raise `UserError`."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        if no_tips not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(no_tips)
     check_paths(argv)
     argv = expand_extends(argv)
     # `${trainer.default_root_dir}` in a file means the same subcommand's key (fit, validate or test).
