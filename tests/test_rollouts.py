@@ -98,11 +98,23 @@ def test_static_decode_mode_samples_the_same_rollouts(tiny_base, reference, tmp_
 def test_rerun_with_other_settings_names_the_setting(tiny_base, reference, tmp_path):
     out = tmp_path / "r"
     out.mkdir()
-    (out / "manifest.json").write_text((reference / "manifest.json").read_text())
+    for name in ("manifest.json", ROLLOUTS):
+        (out / name).write_bytes((reference / name).read_bytes())
     with pytest.raises(UserError, match=r"temperature is 0\.7 but the existing rollouts used 0\.6"):
         rollouts(tiny_base, out, temperature=0.7)
     with pytest.raises(UserError, match="G is 3"):
         rollouts(tiny_base, out, G=3)
+
+
+def test_a_refused_run_does_not_block_the_corrected_rerun(tiny_base, reference, tmp_path):
+    """A run refused before its first problem (here: answers longer than the model's context) wrote only
+    its manifest; rerunning with the setting fixed replaces it instead of refusing the new setting."""
+    out = tmp_path / "r"
+    with pytest.raises(UserError, match="exceed the context of 2048"):
+        rollouts(tiny_base, out, max_new_tokens=4096)
+    rollouts(tiny_base, out)
+    assert (out / ROLLOUTS).read_bytes() == (reference / ROLLOUTS).read_bytes()
+    assert json.loads((out / "manifest.json").read_text())["max_new_tokens"] == SETTINGS["max_new_tokens"]
 
 
 def test_malformed_line_names_file_and_line(tiny_base, reference, tmp_path, capsys):

@@ -128,12 +128,20 @@ def read_rollouts(directory: str | Path) -> tuple[dict, list[tuple[int, int, int
 UNRECORDED = {"decode_mode": "dynamic", "task_options": {}, "grade_unclosed": False}  # what manifests written before a key existed used
 
 
-def check_manifest(directory: Path, settings: dict) -> None:
-    """Write the settings as the manifest, or check them against the manifest already there."""
+def holds_rollouts(directory: Path) -> bool:
+    """Whether any rollout was written into `directory` (the merged file or a rank's part)."""
+    files = [directory / ROLLOUTS, *directory.glob("rollouts.rank-*.jsonl")]
+    return any(f.is_file() and f.stat().st_size > 0 for f in files)
+
+
+def check_manifest(directory: Path, settings: dict, write: bool = True) -> None:
+    """Write the settings as the manifest (`write`: rank 0 only), or check them against the manifest already
+    there. A manifest without any rollout beside it (a run refused or stopped before its first problem)
+    records nothing to resume, so a rerun with corrected settings replaces it."""
     path = directory / MANIFEST
-    if not path.is_file():
-        require(not (directory / ROLLOUTS).exists(), f"{directory / ROLLOUTS} exists but {MANIFEST} does not; "
-                "move it away or choose another --out")
+    if write and (not path.is_file() or not holds_rollouts(directory)):
+        require(path.is_file() or not (directory / ROLLOUTS).exists(), f"{directory / ROLLOUTS} exists but "
+                f"{MANIFEST} does not; move it away or choose another --out")
         atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
         return
     require_same_settings(path, read_json(path, "fix it or choose another --out"), settings, "rollouts", UNRECORDED)
@@ -266,7 +274,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
         scan(out / ROLLOUTS, tail="repair")  # validate, drop a truncated last line
     distributed.barrier()
     if not ranks.is_main:
-        check_manifest(out, settings)
+        check_manifest(out, settings, write=False)
     mine = out / (ROLLOUTS if ranks.world_size == 1 else part_name(ranks.rank))
     done = {e[0] for e in scan(mine, tail="repair")}
     for path in [out / ROLLOUTS, *out.glob("rollouts.rank-*.jsonl")]:
