@@ -291,6 +291,8 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
         model = model.to(dev)
         end_think = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
         context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        require(max_new_tokens < context, f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in "
+                f"{base}'s context of {context} tokens; lower it")  # before the progress bar starts
         bar = tqdm(total=todo * G, unit="rollout", desc=f"rollouts {task}/{split}", disable=not ranks.is_main,
                    dynamic_ncols=True)
         for group in groups:
