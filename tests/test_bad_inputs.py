@@ -119,6 +119,7 @@ CASES = [
     # output folders that are files, read-only or hold something else
     (ROLLOUTS + "--out {W}/a-file", "--out {W}/a-file is a file"),
     (ROLLOUTS + "--out {W}/ro", "--out {W}/ro is not writable"),
+    ("rollouts --base {CKPT} --task synthetic --limit 2 --out {W}/r", "--max-new-tokens 4096 leaves no room for a prompt"),
     (TEACHERS + "--out {W}/a-file", "--out {W}/a-file is a file"),
     (TEACHERS + "--out {W}/ro/teachers", "--out {W}/ro/teachers cannot be created"),
     ("eval {CKPT} --task synthetic --limit 2 --out {W}/ro", "--out {W}/ro is not writable"),

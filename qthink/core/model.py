@@ -28,14 +28,23 @@ from qthink.files import temp_dir_beside, writable_dir
 HEAD_PT, HEAD_ST, META = "projection_head.pt", "projection_head.safetensors", "qthink.json"
 
 
-def hidden_size_of(base_model: str, trust_remote_code: bool = False) -> int:
-    """The hidden size in `base_model`'s config, without loading its weights."""
+def config_of(base_model: str, trust_remote_code: bool = False):
+    """`base_model`'s transformers config, without loading its weights; one line when it cannot be read."""
     from transformers import AutoConfig
 
     try:
-        return int(AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code).hidden_size)
+        return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the config of {base_model!r}: {str(e).splitlines()[0]}") from e
+
+
+def hidden_size_of(base_model: str, trust_remote_code: bool = False) -> int:
+    return int(config_of(base_model, trust_remote_code).hidden_size)
+
+
+def context_length_of(base_model: str, trust_remote_code: bool = False) -> int:
+    """The longest sequence `base_model` takes (its `max_position_embeddings`; unbounded without one)."""
+    return int(getattr(config_of(base_model, trust_remote_code), "max_position_embeddings", None) or 1 << 30)
 
 
 def load_base(path_or_repo: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from qthink.arguments import add_decode_mode_argument
 from qthink.core.device import parse_dtype
 from qthink.core.latent import generate
-from qthink.core.model import check_decode_mode, check_model_ref, load_base
+from qthink.core.model import check_decode_mode, check_model_ref, context_length_of, load_base
 from qthink.core.sampling import Sampler, row_seed
 from qthink.core.sequences import encode_prompts, left_pad, output_text, stop_ids
 from qthink.errors import UserError, require
@@ -263,6 +263,9 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
     task_options = dict(task_options or {})
     task_obj = make_task(task, task_options)
     records = load_problems(task_obj, split, data_path, limit, print_note)
+    context = context_length_of(base)
+    require(max_new_tokens < context, f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in "
+            f"{base}'s context of {context} tokens; lower it")
     settings = {"format": FORMAT, "base_model": local_ref(base), "task": task, "task_options": task_options,
                 "split": split, "data_path": local_ref(data_path),
                 "G": G, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
@@ -290,9 +293,6 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
         model, tokenizer = load_base(base, parse_dtype(dtype))
         model = model.to(dev)
         end_think = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
-        context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
-        require(max_new_tokens < context, f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in "
-                f"{base}'s context of {context} tokens; lower it")  # before the progress bar starts
         bar = tqdm(total=todo * G, unit="rollout", desc=f"rollouts {task}/{split}", disable=not ranks.is_main,
                    dynamic_ncols=True)
         for group in groups:
