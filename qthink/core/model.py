@@ -42,9 +42,13 @@ def hidden_size_of(base_model: str, trust_remote_code: bool = False) -> int:
     return int(config_of(base_model, trust_remote_code).hidden_size)
 
 
+def context_length(config) -> int:
+    """The longest sequence a model of `config` takes (its `max_position_embeddings`; unbounded without one)."""
+    return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
+
+
 def context_length_of(base_model: str, trust_remote_code: bool = False) -> int:
-    """The longest sequence `base_model` takes (its `max_position_embeddings`; unbounded without one)."""
-    return int(getattr(config_of(base_model, trust_remote_code), "max_position_embeddings", None) or 1 << 30)
+    return context_length(config_of(base_model, trust_remote_code))
 
 
 def load_base(path_or_repo: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
@@ -139,7 +143,7 @@ class QThink(nn.Module):
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        return context_length(self.model.config)
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, dtype: torch.dtype | None = None,
