@@ -158,10 +158,8 @@ def read_config_file(value: str) -> dict:
 
 
 def check_paths(argv: list[str]) -> None:
-    """One-line errors for config files and checkpoints that do not exist or do not parse (jsonargparse
-    prints a usage dump without the file's name)."""
-    for value in config_files(argv):
-        read_config_file(value)
+    """One-line errors for checkpoints that do not exist (jsonargparse prints a usage dump without the
+    file's name); config files are read, and checked the same way, by `expand_extends`."""
     given = [value for flag, value in zip(argv, argv[1:], strict=False) if flag == "--ckpt_path"]
     for value in given + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--ckpt_path=")]:
         require(value in CKPT_NAMES or Path(value).is_file(),
