@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from qthink.core.device import parse_dtype
-from qthink.core.model import QThink, check_checkpoint_dir
+from qthink.core.device import DTYPES, parse_dtype
+from qthink.core.model import QThink, check_checkpoint_dir, config_of
 from qthink.errors import UserError, require
 from qthink.training.checkpoints import read_checkpoint, trained_hparams
 from qthink.training.module import QThinkModule
@@ -58,9 +58,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, base: str | None =
 
 def _base_dtype(base_model: str, trust_remote_code: bool = False) -> torch.dtype:
     """The dtype the base model is stored in (float32 when the config does not say)."""
-    from transformers import AutoConfig
-
-    dtype = getattr(AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code), "dtype", None)
+    dtype = getattr(config_of(base_model, trust_remote_code), "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
@@ -74,7 +72,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args) -> None:
-    require(args.dtype == "base" or args.dtype in ("float32", "bfloat16", "float16"),
+    require(args.dtype == "base" or args.dtype in DTYPES,
             f"--dtype must be base, float32, bfloat16 or float16 (got {args.dtype})")
     out = export_checkpoint(args.ckpt, args.out, args.base, args.dtype)
     print(f"wrote seed-format checkpoint to {out}")
