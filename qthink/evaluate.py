@@ -109,7 +109,7 @@ def choose_threads(qt: QThink, threads: int | None = None) -> int:
     return torch.get_num_threads()
 
 
-def generate_timed(qt: QThink, questions: list[str], latent_steps: int, max_new_tokens: int, batch_size: int,
+def generate_timed(qt: QThink, questions: list[str], latent_steps: int | None, max_new_tokens: int, batch_size: int,
                    enable_thinking: bool, bar=None, decode_mode: str = "dynamic") -> tuple[list[dict], list[float]]:
     """`QThink.generate`, timing each of the batches it forms: (results in question order, each problem's
     share of its batch's seconds)."""
@@ -135,9 +135,27 @@ def prediction(task: Task, record: dict, question: str, result: dict, seconds: f
     think, _, closed = split_think(text)
     scores = grade_output(task, text, record, grade_unclosed)
     return {"problem_id": task.problem_id(record), "prompt": question, "reference": task.reference(record),
-            "output": text, "tokens": len(result["token_ids"]), "correct": scores[task.metrics[0]] == 1.0,
+            "output": text, "tokens": len(result["token_ids"]), "latent_steps": result["latent_steps"],
+            "chain_length": task.chain_length(record), "correct": scores[task.metrics[0]] == 1.0,
             **{m: float(scores[m]) for m in task.metrics}, "seconds": seconds, "finished": result["finished"],
             "unclosed_think": think is not None and not closed}
+
+
+def by_length(preds: list[dict], task: Task) -> dict:
+    """Where the task knows each problem's number of reasoning steps: the headline metric per length
+    (`by_length`: {"3": {"problems", metric, "mean_latent_steps"}}) and how often the latent steps taken equal
+    the problem's length (`latent_steps_match`). Empty otherwise."""
+    lengths = sorted({p["chain_length"] for p in preds if p["chain_length"] is not None})
+    if not lengths:
+        return {}
+    metric, groups = task.metrics[0], {}
+    for n in lengths:
+        group = [p for p in preds if p["chain_length"] == n]
+        groups[str(n)] = {"problems": len(group), metric: sum(p[metric] for p in group) / len(group),
+                          "mean_latent_steps": sum(p["latent_steps"] for p in group) / len(group)}
+    counted = [p for p in preds if p["chain_length"] is not None]
+    return {"by_length": groups, "mean_chain_length": sum(p["chain_length"] for p in counted) / len(counted),
+            "latent_steps_match": sum(p["latent_steps"] == p["chain_length"] for p in counted) / len(counted)}
 
 
 def summarize(preds: list[dict], task: Task, split: str, target: Target, k: int, wall: float, settings: dict) -> dict:
@@ -147,7 +165,8 @@ def summarize(preds: list[dict], task: Task, split: str, target: Target, k: int,
                "mean_tokens": sum(p["tokens"] for p in preds) / n, "wall_seconds": wall,
                "seconds_per_problem": wall / n, "problems_per_s": n / wall,
                "unclosed_think": sum(p["unclosed_think"] for p in preds),
-               "unfinished": sum(not p["finished"] for p in preds), **settings}
+               "unfinished": sum(not p["finished"] for p in preds),
+               "mean_latent_steps": sum(p["latent_steps"] for p in preds) / n, **by_length(preds, task), **settings}
     summary["markdown_row"] = format_table([summary]).splitlines()[-1]
     return summary
 
@@ -175,9 +194,9 @@ def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test",
     questions = [task.prompt(r) for r in records]
     bar = tqdm(total=len(questions), unit="problem", desc=spec.name, disable=not progress, dynamic_ncols=True)
     began = time.perf_counter()
-    with bar:
-        results, seconds = generate_timed(qt, questions, k, max_new_tokens, batch_size, mode == "think", bar,
-                                          decode_mode)
+    with bar:  # latent_steps None: the checkpoint's K, or each problem's own where the model chooses (adaptive)
+        results, seconds = generate_timed(qt, questions, latent_steps if mode == "qthink" else 0, max_new_tokens,
+                                          batch_size, mode == "think", bar, decode_mode)
     wall = time.perf_counter() - began
     preds = [prediction(task, r, q, res, s, output_text(qt.tokenizer, res["token_ids"], res["finished"]), grade_unclosed)
              for r, q, res, s in zip(records, questions, results, seconds, strict=True)]

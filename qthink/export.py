@@ -52,7 +52,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, base: str | None =
     model = model.to(_base_dtype(module.base_model, module.trust_remote_code) if dtype == "base" else parse_dtype(dtype))
     info = {**module.training_info(), "trained_steps": int(ckpt.get("global_step", 0)),
             "trained_epochs": int(ckpt.get("epoch", 0)), "lightning_checkpoint": str(Path(ckpt_path).resolve())}
-    qt = QThink(model, module.tokenizer, module.head, module.latent_steps, info)
+    qt = QThink(model, module.tokenizer, module.head, module.latent_steps, info, module.halting_head)
     return qt.save_pretrained(out)
 
 

@@ -19,7 +19,7 @@ decoding. All three give the same tokens (tested); hidden states agree to float 
 attention then also reduces over masked columns.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +50,32 @@ class ProjectionHead(nn.Module):
         return self.mlp(x)
 
 
+class HaltingHead(nn.Module):
+    """Linear(H, 1) on a latent step's output state: the logit that this step was the chain's last, so the
+    student stops thinking there (the adaptive student; trained from each problem's own step count)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.proj = nn.Linear(hidden_size, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).squeeze(-1)
+
+
+def halting_rule(halting_head: nn.Module, sampler: Sampler | None = None) -> "Callable[[Tensor, int], Tensor]":
+    """Whether each row stops after latent step k: greedy (logit > 0, i.e. probability > 1/2), or sampled
+    (Bernoulli on the row's counter noise, so a row's choice depends on its seed and step only)."""
+
+    def stop(hidden: Tensor, k: int) -> Tensor:
+        logit = halting_head(hidden.to(halting_head.proj.weight.dtype)).float()
+        if sampler is None:
+            return logit > 0
+        return sampler.bernoulli(torch.sigmoid(logit), k)
+
+    return stop
+
+
 def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(decoder, lm_head, input embeddings) of a causal LM, PEFT-wrapped or not."""
     return model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
@@ -71,6 +97,7 @@ class LatentState:
     hidden: Tensor  # [B, H] the state the next token is predicted from
     latents: Tensor  # [B, K, H] hidden state of each latent step (what the per-step L1 is taken on)
     decode_mode: str = "dynamic"  # one of DECODE_MODES
+    steps: Tensor | None = None  # [B] latent steps each row took (rows stop one by one when adaptive)
 
     @property
     def attention_mask(self) -> Tensor:
@@ -90,6 +117,8 @@ class LatentState:
             self.next_position.repeat_interleave(n, 0),
             self.hidden.repeat_interleave(n, 0),
             self.latents.repeat_interleave(n, 0),
+            self.decode_mode,
+            None if self.steps is None else self.steps.repeat_interleave(n, 0),
         )
 
 
@@ -118,8 +147,13 @@ def compiled_last_hidden(device_type: str):
     return _COMPILED[device_type]
 
 
-def _decode_step(decoder: nn.Module, state: LatentState, embeds: Tensor) -> Tensor:
-    """Append one position per row (given as input embeddings) and return its hidden state [B, H]."""
+def _decode_step(decoder: nn.Module, state: LatentState, embeds: Tensor, live: Tensor | None = None) -> Tensor:
+    """Append one position per row (given as input embeddings) and return its hidden state [B, H].
+
+    `live` [B] bool: rows where the position counts; elsewhere its mask column is 0 and the row's RoPE
+    position does not advance, so later positions never see it (a row that has stopped thinking)."""
+    if live is not None:
+        state.mask[:, state.length] = live.to(state.mask.dtype)
     state.length += 1
     # static modes pass the whole mask (fixed shape): causal masking hides the columns not yet written
     mask = state.attention_mask if state.decode_mode == "dynamic" else state.mask
@@ -130,7 +164,7 @@ def _decode_step(decoder: nn.Module, state: LatentState, embeds: Tensor) -> Tens
         hidden = compiled_last_hidden(embeds.device.type)(*args).clone()
     else:
         hidden = _last_hidden(*args)
-    state.next_position = state.next_position + 1
+    state.next_position = state.next_position + (1 if live is None else live.long())
     return hidden
 
 
@@ -142,6 +176,8 @@ def think(
     latent_steps: int,
     reserve: int = 0,
     decode_mode: str = "dynamic",
+    row_steps: Tensor | None = None,
+    halting: Callable[[Tensor, int], Tensor] | None = None,
 ) -> LatentState:
     """Prefill left-padded prompts, then run `latent_steps` latent passes.
 
@@ -149,6 +185,13 @@ def think(
     records its output state h_k. `reserve` preallocates mask columns (and, without grad, KV-cache
     positions) for tokens decoded afterwards. Gradients flow through every step when called with grad enabled
     (`dynamic` mode only: the static modes write the cache in place). The prefill is never compiled.
+
+    Rows may think for different numbers of steps, up to `latent_steps` (K_max): `row_steps` [B] gives each
+    row's count (training, from the teacher), or `halting(h_k, k)` -> [B] bool says which rows stop after
+    step k (inference). A stopped row's later latent positions are masked out and do not advance its
+    positions, so its answer follows its own last latent exactly as if it had run alone with that K;
+    `state.hidden` is each row's last live state and `state.steps` its count. The loop ends when every row
+    has stopped.
     """
     if decode_mode not in DECODE_MODES:
         raise ValueError(f"decode_mode must be one of {DECODE_MODES} (got {decode_mode!r})")
@@ -177,12 +220,25 @@ def think(
     state = LatentState(kv_cache, mask, prompt_len, attention_mask.long().sum(-1), hidden, no_latents,
                         decode_mode)
     latents = []
-    for _ in range(latent_steps):
-        hidden = _decode_step(decoder, state, head(hidden).to(embed.weight.dtype))
-        latents.append(hidden)
+    adaptive = row_steps is not None or halting is not None
+    live = torch.ones(batch, dtype=torch.bool, device=hidden.device)
+    taken = torch.zeros(batch, dtype=torch.long, device=hidden.device)
+    if row_steps is not None:
+        latent_steps = min(latent_steps, int(row_steps.max()) if batch else 0)
+    for k in range(latent_steps):
+        if row_steps is not None:
+            live = row_steps > k
+        out = _decode_step(decoder, state, head(hidden).to(embed.weight.dtype), live if adaptive else None)
+        hidden = torch.where(live[:, None], out, hidden) if adaptive else out
+        latents.append(out)
+        taken += live.long()
+        if halting is not None:
+            live = live & ~halting(out, k)
+            if not bool(live.any()):  # one host sync per latent step, as decoding has per token
+                break
     if latents:
         state.latents = torch.stack(latents, 1)
-    state.hidden = hidden
+    state.hidden, state.steps = hidden, taken
     return state
 
 
@@ -240,6 +296,7 @@ class Generation:
     lengths: Tensor  # [B] generated tokens per row, EOS included
     finished: Tensor  # [B] whether the row emitted EOS within the budget
     latents: Tensor  # [B, K, H] latent states (logit-lens inspection, tests)
+    latent_steps: Tensor | None = None  # [B] latent steps each row took
 
 
 @torch.inference_mode()
@@ -276,7 +333,7 @@ def decode(
             state.mask = torch.cat([state.mask, state.mask.new_ones(batch, max_new_tokens)], 1)
         hidden = _decode_step(decoder, state, embed(token))
     width = int(lengths.max()) if batch else 0
-    return Generation(tokens[:, :width], lengths, finished, state.latents)
+    return Generation(tokens[:, :width], lengths, finished, state.latents, state.steps)
 
 
 @torch.inference_mode()
@@ -292,6 +349,7 @@ def generate(
     sampler: Sampler | None = None,
     num_samples: int = 1,
     decode_mode: str = "dynamic",
+    halting_head: nn.Module | None = None,
 ) -> Generation:
     """Prompt -> K latent steps -> answer, for a batch of left-padded prompts.
 
@@ -299,11 +357,16 @@ def generate(
     prompt). With `num_samples` > 1 the prompt is prefilled once and its cache expanded, rows ordered
     (prompt 0 sample 0, prompt 0 sample 1, ...); `sampler.seeds` then has one seed per output row.
     `decode_mode`: see the module docstring; the static modes prefill each of the `num_samples` copies.
+    With a `halting_head` the student chooses each row's number of latent steps (at most `latent_steps`),
+    greedily or, with a sampler, by sampling its stop decisions; G samples then think apart (prefilled
+    per copy) since each may stop at its own step.
     """
-    if decode_mode != "dynamic" and num_samples > 1:
+    if (decode_mode != "dynamic" or halting_head is not None) and num_samples > 1:
         input_ids = input_ids.repeat_interleave(num_samples, 0)
         attention_mask = attention_mask.repeat_interleave(num_samples, 0)
         num_samples = 1
-    state = think(model, head, input_ids, attention_mask, latent_steps, max_new_tokens, decode_mode)
+    halting = None if halting_head is None else halting_rule(halting_head, sampler)
+    state = think(model, head, input_ids, attention_mask, latent_steps, max_new_tokens, decode_mode,
+                  halting=halting)
     state = state.repeat_interleave(num_samples)
     return decode(model, state, max_new_tokens, eos_token_id, pad_token_id, sampler)

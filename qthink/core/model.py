@@ -2,7 +2,8 @@
 
 The seed-format checkpoint (ARCHITECTURE.md contract 3) is a directory `AutoModelForCausalLM.from_pretrained`
 loads (merged LoRA), plus `projection_head.pt` (state dict, keys `mlp.0.*`, `mlp.2.*`, `mlp.3.*`),
-`projection_head.safetensors` (the same tensors) and `qthink.json` (K, hidden size, how it was trained).
+`projection_head.safetensors` (the same tensors) and `qthink.json` (K, hidden size, how it was trained);
+an adaptive student (it decides how many latent steps to take, at most K) adds `halting_head.safetensors`.
 The seed's own usage snippet runs unchanged on a directory written by `save_pretrained`.
 """
 
@@ -19,13 +20,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from qthink.core.latent import DECODE_MODES, ProjectionHead, generate
+from qthink.core.latent import DECODE_MODES, HaltingHead, ProjectionHead, generate
 from qthink.core.sampling import Sampler, row_seed
 from qthink.core.sequences import encode_prompts, left_pad, output_text, stop_ids
 from qthink.errors import UserError, require
 from qthink.files import temp_dir_beside, writable_dir
 
 HEAD_PT, HEAD_ST, META = "projection_head.pt", "projection_head.safetensors", "qthink.json"
+HALT_ST = "halting_head.safetensors"
 
 
 def config_of(base_model: str, trust_remote_code: bool = False):
@@ -116,11 +118,11 @@ def load_head_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_head(state: dict[str, torch.Tensor], hidden_size: int, source: Path) -> ProjectionHead:
-    head = ProjectionHead(hidden_size)
+def build_head(state: dict[str, torch.Tensor], hidden_size: int, source: Path, kind: type[nn.Module] = ProjectionHead):
+    head = kind(hidden_size)
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
-    require(set(got) == set(expected), f"{source}: keys {sorted(got)} are not a ProjectionHead's {sorted(expected)}")
+    require(set(got) == set(expected), f"{source}: keys {sorted(got)} are not a {kind.__name__}'s {sorted(expected)}")
     for k, shape in expected.items():
         require(got[k] == shape, f"{source}: {k} has shape {got[k]} but the model's hidden size {hidden_size} needs {shape}")
     head.load_state_dict(state)
@@ -131,9 +133,9 @@ class QThink(nn.Module):
     """Base model + projection head; `generate` runs the shared latent loop in batches."""
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, head: ProjectionHead | None,
-                 latent_steps: int = 6, info: dict | None = None):
+                 latent_steps: int = 6, info: dict | None = None, halting_head: HaltingHead | None = None):
         super().__init__()
-        self.model, self.tokenizer, self.head = model, tokenizer, head
+        self.model, self.tokenizer, self.head, self.halting_head = model, tokenizer, head, halting_head
         self.latent_steps = latent_steps
         self.info = info or {}
 
@@ -169,7 +171,15 @@ class QThink(nn.Module):
         head = build_head(load_head_state(head_file), model.config.hidden_size, head_file)
         require_finite(model, path_or_repo)
         require_finite(head, head_file)
-        qt = cls(model, tokenizer, head.to(model.dtype).eval(), int(info.get("latent_steps", 6)), info)
+        halting = None
+        if info.get("adaptive"):
+            halt_file = _fetch(path_or_repo, HALT_ST)
+            require(halt_file is not None, f"{path_or_repo}: qthink.json says adaptive but {HALT_ST} is missing; "
+                    "re-export the checkpoint")
+            halting = build_head(load_head_state(halt_file), model.config.hidden_size, halt_file, HaltingHead)
+            require_finite(halting, halt_file)
+            halting = halting.to(model.dtype).eval()
+        qt = cls(model, tokenizer, head.to(model.dtype).eval(), int(info.get("latent_steps", 6)), info, halting)
         return qt.to(device) if device is not None else qt
 
     @classmethod
@@ -195,7 +205,11 @@ class QThink(nn.Module):
             torch.save(state, buffer)  # in memory, so a failed write is an OSError (torch's own is a RuntimeError)
             (tmp / HEAD_PT).write_bytes(buffer.getbuffer())
             save_file(state, str(tmp / HEAD_ST))
+            if self.halting_head is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.halting_head.state_dict().items()},
+                          str(tmp / HALT_ST))
             info = {"format": "qthink-seed-v1", "latent_steps": self.latent_steps,
+                    "adaptive": self.halting_head is not None,
                     "hidden_size": self.head.hidden_size, "hidden_state": "post-norm last layer",
                     **self.info, **(extra_info or {})}
             (tmp / META).write_text(json.dumps(info, indent=2) + "\n")
@@ -229,17 +243,20 @@ class QThink(nn.Module):
                  batch_size: int = 16, enable_thinking: bool = False, sampler_seed: int | None = None,
                  temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20,
                  on_batch: Callable[[list[int]], None] | None = None, decode_mode: str = "dynamic") -> list[dict]:
-        """Answers for `questions`: dicts with `question`, `answer`, `token_ids`, `finished`.
+        """Answers for `questions`: dicts with `question`, `answer`, `token_ids`, `finished`, `latent_steps`.
 
         Batches are formed from questions of similar length (less padding); results do not depend on
         batching. Greedy unless `sampler_seed` is given. `on_batch(indices)` is called after each batch with
         the positions in `questions` it answered (progress bars, per-batch timing). `decode_mode`: `dynamic`,
         `static` or `compiled` (static cache + torch.compile; CUDA graphs on CUDA), see `qthink.core.latent`.
+        An adaptive model (with a halting head) chooses each question's latent steps, at most K; an explicit
+        `latent_steps` turns that off and runs exactly that many.
         """
         require(len(questions) > 0, "no questions given: pass -q QUESTION or --input FILE.jsonl")
         require(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
         check_decode_mode(decode_mode)
         k = self.latent_steps if latent_steps is None else latent_steps
+        halting = self.halting_head if latent_steps is None and k > 0 else None
         prompts = encode_prompts(self.tokenizer, questions, enable_thinking)
         self.check_request([len(p) for p in prompts], k, max_new_tokens)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -253,13 +270,15 @@ class QThink(nn.Module):
                 seeds = torch.tensor([row_seed(sampler_seed, i) for i in idx], device=self.device)
                 sampler = Sampler(seeds, temperature, top_p, top_k)
             gen = generate(self.model, self.head, batch.input_ids, batch.attention_mask, k, max_new_tokens, eos, pad,
-                           sampler, decode_mode=decode_mode)
+                           sampler, decode_mode=decode_mode, halting_head=halting)
             # one device-to-host copy per batch, not two per row (each would be a GPU sync)
             tokens, lengths, finished = gen.tokens.tolist(), gen.lengths.tolist(), gen.finished.tolist()
+            taken = gen.latent_steps.tolist() if gen.latent_steps is not None else [k] * len(idx)
             for row, i in enumerate(idx):
                 ids = tokens[row][: lengths[row]]
                 text = output_text(self.tokenizer, ids, finished[row])
-                results[i] = {"question": questions[i], "answer": text, "token_ids": ids, "finished": finished[row]}
+                results[i] = {"question": questions[i], "answer": text, "token_ids": ids, "finished": finished[row],
+                              "latent_steps": taken[row]}
             if on_batch is not None:
                 on_batch(idx)
         return results  # type: ignore[return-value]

@@ -49,6 +49,9 @@ def row_seed(*parts: int) -> int:
     return x & ((1 << 63) - 1)
 
 
+HALT_STREAM = 1 << 40  # counter offset of the halting decisions: never a token step
+
+
 @dataclass
 class Sampler:
     """Temperature / top-k / top-p sampling by the Gumbel-max trick on per-row counter noise."""
@@ -62,6 +65,11 @@ class Sampler:
         require(self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p}); 1 keeps every token")
         require(self.top_k >= 0, f"--top-k must be >= 0 (got {self.top_k}); 0 keeps every token")
+
+    def bernoulli(self, prob: Tensor, step: int) -> Tensor:
+        """[B] bool: True with probability `prob` per row, on the row's counter noise for latent step `step`
+        (a stream apart from the token noise)."""
+        return counter_uniform(self.seeds, HALT_STREAM + step, 1)[:, 0] < prob.double()
 
     def __call__(self, logits: Tensor, step: int) -> Tensor:
         logits = logits.float() / max(self.temperature, 1e-6)

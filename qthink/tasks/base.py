@@ -258,3 +258,8 @@ class Task:
         intermediate result, or None when the task has no such notion (a general position rule
         applies instead)."""
         return None
+
+    def chain_length(self, record: Mapping[str, Any]) -> int | None:
+        """How many reasoning steps the problem takes, where the task knows it (synthetic chains); reports
+        then score every system per length. None elsewhere."""
+        return None

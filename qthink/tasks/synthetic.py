@@ -12,6 +12,10 @@ the `=` before each result is where that step's value is computed (`step_offsets
 position for the latent steps. Written out because with the short trace `b=7 c=4 d=9` the tiny model
 did not learn to think better than it answered without thinking (docs/findings.md, F5).
 
+Chains may vary in length: `steps` is a number (`3`) or an inclusive range (`"2-4"`, from
+`--task-option steps=2-4`), each problem's length then drawn uniformly from it; a record keeps its own
+length (`steps`), and `chain_length` lets every report score systems per length.
+
 Splits are deterministic (seeded by split name) and disjoint whatever `n` is asked: a hash of the
 question assigns every possible problem to exactly one split (about 1 in 10 to test, 1 in 10 to
 validation, the rest to train), and each split only keeps problems of its own, without repeats. Budgets
@@ -67,14 +71,36 @@ def make_problem(rng: random.Random, steps: int) -> dict[str, Any]:
     }
 
 
+def parse_steps(steps: int | str) -> tuple[int, int]:
+    """`3` -> (3, 3); `"2-4"` -> (2, 4): the inclusive range of chain lengths; one line when it is neither."""
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        low = high = steps
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(steps))
+        require(match is not None, f"synthetic steps must be a number or a range LOW-HIGH such as 2-4 (got {steps!r})")
+        low = int(match.group(1))
+        high = int(match.group(2) or low)
+    require(1 <= low <= high < len(VARIABLES),
+            f"synthetic steps must be between 1 and {len(VARIABLES) - 1}, low before high (got {steps!r})")
+    return low, high
+
+
+def steps_label(steps: int | str) -> str:
+    """`3` -> "3"; `"2-4"` -> "2-4" (a normalised range, for reports and file names)."""
+    low, high = parse_steps(steps)
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def split_of(question: str) -> str:
     """The split a question belongs to, fixed by a stable hash (not Python's salted `hash`)."""
     digest = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16)
     return {0: "test", 1: "validation"}.get(digest % SHARE, "train")
 
 
-def make_problems(split: str, n: int, steps: int = 3, seed: int = 0) -> list[dict[str, Any]]:
-    """`n` distinct problems of `split`, the same for the same arguments."""
+def make_problems(split: str, n: int, steps: int | str = 3, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` distinct problems of `split`, the same for the same arguments; with a range of `steps`, each
+    problem's length is drawn uniformly from it."""
+    low, high = parse_steps(steps)
     rng = random.Random(f"qthink-synthetic-{seed}-{split}")  # str seeds are hashed deterministically
     seen: set[str] = set()
     records: list[dict[str, Any]] = []
@@ -86,11 +112,11 @@ def make_problems(split: str, n: int, steps: int = 3, seed: int = 0) -> list[dic
                 f"synthetic {split}: only {len(records)} distinct problems with steps={steps}; ask for fewer "
                 "problems or more steps"
             )
-        problem = make_problem(rng, steps)
+        problem = make_problem(rng, low if low == high else rng.randint(low, high))
         if problem["question"] in seen or split_of(problem["question"]) != split:
             continue
         seen.add(problem["question"])
-        records.append({**problem, "id": f"{split}-{len(records)}"})
+        records.append({**problem, "steps": len(problem["chain"]), "id": f"{split}-{len(records)}"})
     return records
 
 
@@ -98,12 +124,9 @@ class SyntheticTask(Task):
     name = "synthetic"
     metrics = ("exact_match",)
 
-    def __init__(self, steps: int = 3, seed: int = 0, train_size: int = 2000, test_size: int = 300,
+    def __init__(self, steps: int | str = 3, seed: int = 0, train_size: int = 2000, test_size: int = 300,
                  validation_size: int = 300) -> None:
-        require(
-            1 <= steps < len(VARIABLES),
-            f"synthetic steps must be between 1 and {len(VARIABLES) - 1}, got {steps}",
-        )
+        parse_steps(steps)  # a bad value is one line here, before any problem is made
         self.steps, self.seed = steps, seed
         self.sizes = {"train": train_size, "validation": validation_size, "test": test_size}
 
@@ -139,6 +162,10 @@ class SyntheticTask(Task):
         _, answer_text, _ = split_think(output)
         digits = re.findall(r"\d", answer_text)
         return {"exact_match": float(bool(digits) and digits[-1] == record["answer"])}
+
+    def chain_length(self, record: Mapping[str, Any]) -> int:
+        """The number of reasoning steps of a problem (reports score every system per length)."""
+        return len(record["chain"])
 
     def step_offsets(self, think_text: str) -> list[int]:
         """Offsets of the `=` before each step's result (the second `=` of `b=3+4=7`): the state there

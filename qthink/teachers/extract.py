@@ -21,6 +21,7 @@ the same bytes. Under `torchrun` rank r computes shards r, r+W, ...; rank 0 writ
 import argparse
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +36,13 @@ from qthink.errors import require
 from qthink.files import atomic_write_text, local_ref, read_json, require_same_settings, writable_dir
 from qthink.tasks.base import THINK_CLOSE, THINK_OPEN
 from qthink.teachers import distributed
-from qthink.teachers.positions import SCHEMES, content_positions, think_span
+from qthink.teachers.positions import (
+    SCHEMES,
+    content_positions,
+    positions_on_steps,
+    step_candidates,
+    think_span,
+)
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
 from qthink.teachers.store import MANIFEST, sha256_file, shard_name, write_manifest, write_shard
 
@@ -51,9 +58,9 @@ def special_ids(tokenizer) -> tuple[int, int, int]:
     return tuple(tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE, "<|im_start|>"))
 
 
-def rollout_positions(prompt: list[int], rollout: list[int], specials: tuple[int, int, int], scheme: str, k: int,
-                      tokenizer, task_offsets=None) -> tuple[str, list[int], list[int]]:
-    """("valid" | "unclosed" | "empty", prompt + rollout ids, absolute positions of the K teacher states).
+def rollout_content(prompt: list[int], rollout: list[int], specials: tuple[int, int, int],
+                    tokenizer) -> tuple[str, list[int], int, int]:
+    """("valid" | "unclosed" | "empty", prompt + rollout ids, start, end) of the think content ids[start:end].
     A think block holding only whitespace (Qwen3 writes an empty one as `<think>\n\n</think>`) is empty.
 
     The think block is looked for from the start of the assistant turn, so a generation prompt that
@@ -64,11 +71,45 @@ def rollout_positions(prompt: list[int], rollout: list[int], specials: tuple[int
     turn = max((i for i, t in enumerate(prompt) if t == im_start), default=len(prompt))
     span = think_span(ids, think_id, end_id, turn)
     if span is None or span[1] < len(prompt):
-        return "unclosed", ids, []
+        return "unclosed", ids, 0, 0
     start, end = span[0] + 1, span[1]
     if end == start or not tokenizer.decode(ids[start:end]).strip():  # Qwen3's empty block holds "\n\n"
-        return "empty", ids, []
+        return "empty", ids, 0, 0
+    return "valid", ids, start, end
+
+
+def rollout_positions(prompt: list[int], rollout: list[int], specials: tuple[int, int, int], scheme: str, k: int,
+                      tokenizer, task_offsets=None) -> tuple[str, list[int], list[int]]:
+    """("valid" | "unclosed" | "empty", prompt + rollout ids, absolute positions of the K teacher states)."""
+    status, ids, start, end = rollout_content(prompt, rollout, specials, tokenizer)
+    if status != "valid":
+        return status, ids, []
     return "valid", ids, [start + p for p in content_positions(scheme, tokenizer, ids[start:end], k, task_offsets)]
+
+
+def problem_steps(step_counts: list[int], k_max: int) -> int:
+    """The latent steps an adaptive store teaches a problem: the most common step count among its valid
+    rollouts (the larger on a tie), between 1 and K_max; K_max when it has no valid rollout."""
+    if not step_counts:
+        return k_max
+    freq = Counter(step_counts)
+    return min(max(max(freq, key=lambda c: (freq[c], c)), 1), k_max)
+
+
+def adaptive_positions(prompt: list[int], rollouts: list[dict], specials: tuple[int, int, int], k_max: int,
+                       tokenizer, task_offsets=None) -> tuple[int, list[tuple[str, list[int], list[int]]]]:
+    """(n, per rollout (status, ids, K_max positions)) of one problem in an adaptive store: every valid rollout
+    gets n positions on its step boundaries (`positions_on_steps`), the last repeated up to K_max (those
+    slots are zeroed in the store and never trained on)."""
+    contents = [rollout_content(prompt, r["token_ids"], specials, tokenizer) for r in rollouts]
+    candidates = [step_candidates(tokenizer, ids[start:end], task_offsets) if status == "valid" else []
+                  for status, ids, start, end in contents]
+    n = problem_steps([len(c) for c, (status, *_) in zip(candidates, contents, strict=True) if status == "valid"], k_max)
+    out = []
+    for cands, (status, ids, start, end) in zip(candidates, contents, strict=True):
+        pos = [start + p for p in positions_on_steps(cands, end - start, n)] if status == "valid" else []
+        out.append((status, ids, pos + pos[-1:] * (k_max - n) if pos else pos))
+    return n, out
 
 
 @torch.inference_mode()
@@ -116,19 +157,26 @@ def task_step_offsets(task_name: str | None) -> Callable | None:
 
 
 def build_shard(decoder, tokenizer, problems: list[dict], k: int, scheme: str, batch_size: int, device,
-                store_dtype: torch.dtype, task_offsets=None, where: str = "") -> tuple[dict, dict]:
-    """The shard tensors and counts for `problems` (parsed rollouts lines, in problem-index order)."""
+                store_dtype: torch.dtype, task_offsets=None, where: str = "", adaptive: bool = False) -> tuple[dict, dict]:
+    """The shard tensors and counts for `problems` (parsed rollouts lines, in problem-index order); `adaptive`
+    (steps positions): each problem taught its own step count, at most K (`adaptive_positions`)."""
     specials = special_ids(tokenizer)
     vocab = decoder.get_input_embeddings().num_embeddings
     prompts = encode_prompts(tokenizer, [p["question"] for p in problems], enable_thinking=True)
     counts = dict.fromkeys(COUNT_KEYS, 0)
-    seqs, positions, owner = [], [], []
+    seqs, positions, owner, num_steps = [], [], [], []
     for slot, (problem, prompt) in enumerate(zip(problems, prompts, strict=True)):
         for j, r in enumerate(problem["rollouts"]):
             require(all(0 <= t < vocab for t in r["token_ids"]), f"{where}: problem {problem['problem_index']} "
                     f"rollout {j} has token ids outside the model's vocabulary of {vocab}; were the rollouts made "
                     "with another tokenizer?")
-            status, ids, pos = rollout_positions(prompt, r["token_ids"], specials, scheme, k, tokenizer, task_offsets)
+        if adaptive:
+            n, placed = adaptive_positions(prompt, problem["rollouts"], specials, k, tokenizer, task_offsets)
+        else:
+            n, placed = k, [rollout_positions(prompt, r["token_ids"], specials, scheme, k, tokenizer, task_offsets)
+                            for r in problem["rollouts"]]
+        num_steps.append(n)
+        for r, (status, ids, pos) in zip(problem["rollouts"], placed, strict=True):
             counts["rollouts"] += 1
             if status != "valid":
                 counts[f"excluded_{status}"] += 1
@@ -145,6 +193,7 @@ def build_shard(decoder, tokenizer, problems: list[dict], k: int, scheme: str, b
     for slot, items in enumerate(per_problem):
         st = torch.stack([s for s, _ in items]) if items else torch.zeros(0, k, hidden)
         u, w, ok = aggregate(st, torch.tensor([r for _, r in items]))
+        u[num_steps[slot]:], w[num_steps[slot]:] = 0, 0  # an adaptive row's unused slots
         uniform.append(u.to(store_dtype))
         weighted.append(w.to(store_dtype))
         valid_w.append(ok)
@@ -154,11 +203,13 @@ def build_shard(decoder, tokenizer, problems: list[dict], k: int, scheme: str, b
         if not items:
             without.append(problems[slot]["problem_index"])
     counts.update(problems=len(problems), weighted_valid=sum(valid_w), without_valid=len(without),
+                  num_steps={str(n): c for n, c in sorted(Counter(num_steps).items())},
                   max_rollouts=max(len(p["rollouts"]) for p in problems))
     tensors = {
         "problem_index": torch.tensor([p["problem_index"] for p in problems], dtype=torch.int64),
         "uniform": torch.stack(uniform), "weighted": torch.stack(weighted),
         "weighted_valid": torch.tensor(valid_w, dtype=torch.bool), "num_valid": torch.tensor(num_valid, dtype=torch.int32),
+        "num_steps": torch.tensor(num_steps, dtype=torch.int32),
     }
     return tensors, {**counts, "problems_without_valid": without}
 
@@ -184,10 +235,14 @@ def finished_shards(out: Path, settings: dict) -> dict[str, dict]:
 def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6, dtype: str = "bfloat16",
                    batch_size: int = 16, position_scheme: str = "linspace", shard_size: int = 256,
                    model_dtype: str = "auto", device: str | None = None,
-                   on_shard: Callable[[dict], None] | None = None, trust_remote_code: bool = False) -> dict:
+                   on_shard: Callable[[dict], None] | None = None, trust_remote_code: bool = False,
+                   adaptive: bool = False) -> dict:
     """Build (or finish) the teacher store `out` from the rollouts directory `rollouts`; returns the
-    manifest. `on_shard(entry)` is called after each shard is on disk."""
+    manifest. `on_shard(entry)` is called after each shard is on disk. `adaptive`: each problem is taught
+    its own number of steps (at most K), for a student that decides how long to think."""
     require(K >= 1, f"-K must be >= 1 (got {K})")
+    require(not adaptive or position_scheme == "steps", "--adaptive teaches each problem its own step count: "
+            "it needs --position-scheme steps")
     require(dtype in STORE_DTYPES, f"--dtype {dtype!r}: use one of {', '.join(STORE_DTYPES)}")
     require(position_scheme in SCHEMES, f"--position-scheme {position_scheme!r}: use one of {', '.join(SCHEMES)}")
     require(batch_size >= 1 and shard_size >= 1, "--batch-size and --shard-size must be >= 1")
@@ -199,7 +254,7 @@ def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6,
     require(len(entries) > 0, f"{rollouts / ROLLOUTS} holds no problems")
     settings = {"base_model": local_ref(base), "rollouts": local_ref(rollouts), "rollouts_sha256": sha256_file(rollouts / ROLLOUTS),
                 "K": K, "position_scheme": position_scheme, "dtype": dtype, "model_dtype": model_dtype,
-                "shard_size": shard_size, "hidden_state": HIDDEN_STATE}
+                "shard_size": shard_size, "hidden_state": HIDDEN_STATE, "adaptive": adaptive}
     if rmanifest.get("base_model") not in (None, str(base), local_ref(base)) and ranks.is_main:
         print(f"warning: rollouts were sampled from {rmanifest['base_model']}, extracting with {base}")
     if ranks.is_main:
@@ -220,7 +275,7 @@ def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6,
             chunk = entries[s * shard_size : (s + 1) * shard_size]
             problems = [parse_line(path, 0, read_line(path, off, n)) for _, off, n in chunk]
             tensors, counts = build_shard(decoder, tokenizer, problems, K, position_scheme, batch_size, dev,
-                                          STORE_DTYPES[dtype], offsets, str(path))
+                                          STORE_DTYPES[dtype], offsets, str(path), adaptive)
             entry = {**write_shard(out, s, tensors), "counts": counts}
             own.append(entry)
             atomic_write_text(own_progress, json.dumps({"settings": settings, "shards": own}) + "\n")
@@ -246,6 +301,10 @@ def finish_store(out: Path, settings: dict, rmanifest: dict, n_shards: int, hidd
     require(not missing, f"{out}: shards {missing[:3]} were not written; rerun `qthink teachers`")
     shards = [done[n] for n in names]
     counts = {key: sum(e["counts"][key] for e in shards) for key in COUNT_KEYS}
+    steps: Counter[int] = Counter()
+    for e in shards:
+        steps.update({int(n): c for n, c in e["counts"]["num_steps"].items()})
+    counts["num_steps"] = {str(n): steps[n] for n in sorted(steps)}  # problems per number of latent steps
     without = [i for e in shards for i in e["counts"]["problems_without_valid"]]
     G = rmanifest.get("G") or max(e["counts"]["max_rollouts"] for e in shards)
     manifest = {**settings, "hidden_size": hidden, "G": G, "task": rmanifest.get("task"),
@@ -268,6 +327,8 @@ def summary_lines(manifest: dict, seconds: float | None = None) -> list[str]:
              f"rollouts: {c['rollouts']} total, {c['valid']} valid ({c['correct_valid']} correct), excluded "
              f"{c['excluded_unclosed']} without a closed think block and {c['excluded_empty']} with an empty one",
              f"problems: {c['weighted_valid']} with a correct valid rollout (weighted_valid)"]
+    if manifest.get("adaptive"):
+        lines.append("latent steps per problem (adaptive): " + ", ".join(f"{n}: {c}" for n, c in c["num_steps"].items()))
     if c["without_valid"]:
         shown = ", ".join(map(str, manifest["problems_without_valid"][:20]))
         more = " ..." if c["without_valid"] > 20 else ""
@@ -287,6 +348,9 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="rollouts per forward pass (length-bucketed)")
     p.add_argument("--position-scheme", default="linspace", choices=list(SCHEMES),
                    help="linspace: evenly spaced in the think block (default); steps: on reasoning-step boundaries")
+    p.add_argument("--adaptive", action="store_true",
+                   help="with --position-scheme steps: each problem taught its own step count, at most K (for "
+                   "model.adaptive: the student decides how long to think)")
     p.add_argument("--shard-size", type=int, default=256, help="problems per shard file (default 256)")
     p.add_argument("--model-dtype", default="auto", help="compute dtype: float32 | bfloat16 | float16 | auto")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
@@ -298,7 +362,7 @@ def cli_main(args) -> int:
     try:
         manifest = build_teachers(args.base, args.rollouts, args.out, args.K, args.dtype, args.batch_size,
                                   args.position_scheme, args.shard_size, args.model_dtype, args.device,
-                                  trust_remote_code=args.trust_remote_code)
+                                  trust_remote_code=args.trust_remote_code, adaptive=args.adaptive)
     finally:
         distributed.teardown()
     if distributed.env_ranks().is_main:

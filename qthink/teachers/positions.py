@@ -136,17 +136,29 @@ def natural_step_offsets(text: str) -> list[int]:
     return sorted(offsets)
 
 
-def step_positions(
-    tokenizer, content_ids: Sequence[int], k: int, task_offsets: Callable[[str], list[int] | None] | None = None
+def step_candidates(
+    tokenizer, content_ids: Sequence[int], task_offsets: Callable[[str], list[int] | None] | None = None
 ) -> list[int]:
-    """K positions in the think content on step boundaries (rules in the module docstring)."""
+    """Every step boundary of the think content as a token index (sorted, distinct): the task's own
+    offsets where it has them, the general rule otherwise. Their number is the chain's step count."""
     text, ends = token_char_ends(tokenizer, content_ids)
     offsets = task_offsets(text) if task_offsets is not None else None
     if not offsets:
         offsets = natural_step_offsets(text)
-    candidates = offsets_to_tokens(offsets, ends)
+    return offsets_to_tokens(offsets, ends)
+
+
+def step_positions(
+    tokenizer, content_ids: Sequence[int], k: int, task_offsets: Callable[[str], list[int] | None] | None = None
+) -> list[int]:
+    """K positions in the think content on step boundaries (rules in the module docstring)."""
+    return positions_on_steps(step_candidates(tokenizer, content_ids, task_offsets), len(content_ids), k)
+
+
+def positions_on_steps(candidates: Sequence[int], length: int, k: int) -> list[int]:
+    """K of the step candidates (`select_evenly`), or `linspace` over the content's `length` when there are none."""
     if not candidates:
-        return linspace_positions(len(content_ids), k)
+        return linspace_positions(length, k)
     return select_evenly(candidates, k)
 
 

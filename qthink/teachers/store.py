@@ -4,7 +4,9 @@ Layout of a store directory:
 - `manifest.json`: `format_version`, `base_model`, `hidden_size`, `K`, `G`, `position_scheme`,
   `hidden_state`, `dtype`, `counts`, ... and `shards`: a list of `{file, rows, sha256}`.
 - `shard-NNNNN.safetensors`: `problem_index` [n] int64, `uniform` [n,K,H], `weighted` [n,K,H],
-  `weighted_valid` [n] bool, `num_valid` [n] int32.
+  `weighted_valid` [n] bool, `num_valid` [n] int32, `num_steps` [n] int32 (the latent steps each problem
+  is taught: K everywhere in a fixed-K store; its own step count, at most K, in an `adaptive` one, whose
+  slots from `num_steps` on are zero).
 Every file is written under a temporary name and renamed, so a reader never sees half a shard, and the
 manifest (written last) only lists shards that are whole. The reader checks format, shapes and sha256 on
 open and refuses a store that does not match what the caller expects, naming the field and both values.
@@ -22,9 +24,9 @@ from safetensors.torch import save_file
 from qthink.errors import UserError, require
 from qthink.files import atomic_write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `num_steps` per row and `adaptive` in the manifest
 MANIFEST = "manifest.json"
-FIELDS = ("problem_index", "uniform", "weighted", "weighted_valid", "num_valid")
+FIELDS = ("problem_index", "uniform", "weighted", "weighted_valid", "num_valid", "num_steps")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -85,6 +87,7 @@ class TeacherStore:
             require(have == want, f"teacher store {self.path}: {field} is {have!r} but the trainer expects "
                     f"{want!r}; rebuild the store for this model or change the config")
         self.K, self.hidden_size = int(self.manifest["K"]), int(self.manifest["hidden_size"])
+        self.adaptive = self.manifest.get("adaptive") is True
         self._where: dict[int, tuple[int, int]] = {}
         self._files = []
         for s, entry in enumerate(self.manifest["shards"]):
@@ -113,7 +116,7 @@ class TeacherStore:
                 shape = tuple(f.get_slice(name).get_shape())
                 require(shape == (rows, self.K, self.hidden_size), f"{file}: {name} has shape {shape}, manifest says "
                         f"{(rows, self.K, self.hidden_size)}")
-            for name in ("problem_index", "weighted_valid", "num_valid"):
+            for name in ("problem_index", "weighted_valid", "num_valid", "num_steps"):
                 shape = tuple(f.get_slice(name).get_shape())
                 require(shape == (rows,), f"{file}: {name} has shape {shape}, expected ({rows},)")
 
@@ -135,7 +138,8 @@ class TeacherStore:
         return self._handles[key]
 
     def row(self, problem_index: int) -> dict[str, torch.Tensor]:
-        """`uniform` [K,H] and `weighted` [K,H] (float32), `weighted_valid` (bool), `num_valid` (int)."""
+        """`uniform` [K,H] and `weighted` [K,H] (float32), `weighted_valid` (bool), `num_valid` and
+        `num_steps` (int)."""
         require(problem_index in self._where, f"teacher store {self.path} has no row for problem {problem_index}")
         shard, row = self._where[problem_index]
         f = self._handle(shard)
@@ -144,6 +148,7 @@ class TeacherStore:
             "weighted": f.get_slice("weighted")[row : row + 1][0].float(),
             "weighted_valid": bool(f.get_slice("weighted_valid")[row : row + 1][0]),
             "num_valid": int(f.get_slice("num_valid")[row : row + 1][0]),
+            "num_steps": int(f.get_slice("num_steps")[row : row + 1][0]),
         }
 
     def __getstate__(self):  # picklable for DataLoader workers: handles are reopened lazily

@@ -15,10 +15,10 @@ from qthink.files import atomic_write
 
 HPARAM_EXTRAS = ("_instantiator", "_class_path")  # LightningCLI bookkeeping, not constructor arguments
 # what the weights mean: checked whenever a checkpoint's weights are used with a config
-MODEL_SETTINGS = ("lora", "latent_steps")
+MODEL_SETTINGS = ("lora", "latent_steps", "adaptive")
 # how they are trained: checked too when a fit resumes (a different objective or schedule would silently
 # continue another run than the one in the checkpoint)
-TRAINING_SETTINGS = ("distill", "teacher", "gamma", "lr", "weight_decay", "warmup_ratio", "warmup_steps",
+TRAINING_SETTINGS = ("distill", "teacher", "gamma", "halt_weight", "lr", "weight_decay", "warmup_ratio", "warmup_steps",
                      "min_lr_ratio", "seed")
 
 

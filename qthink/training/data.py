@@ -138,6 +138,7 @@ def collate_train(items: list[tuple[Example, dict]], pad_id: int) -> dict[str, t
         "teacher_weighted": torch.stack([r["weighted"] for r in rows]),
         "weighted_valid": torch.tensor([r["weighted_valid"] for r in rows], dtype=torch.bool),
         "num_valid": torch.tensor([r["num_valid"] for r in rows], dtype=torch.long),
+        "num_steps": torch.tensor([r["num_steps"] for r in rows], dtype=torch.long),
         "problem_index": torch.tensor([ex.problem_index for ex in examples], dtype=torch.long),
     }
 
@@ -222,6 +223,8 @@ class TeacherDataModule(L.LightningDataModule):
         task_options: Task constructor options (e.g. {steps: 3} for synthetic); default: the rollouts' own.
         base_model: Base model whose tokenizer is used; must be the store's base model (linked to model.base_model).
         teacher_steps: K the store must have (linked from model.latent_steps; None when not distilling).
+        adaptive: The store must teach each problem its own step count (`qthink teachers --adaptive`; linked
+            from model.adaptive).
         batch_size: Problems per batch on each device.
         num_workers: DataLoader worker processes.
         max_prompt_tokens: Longer prompts are dropped (and counted in the log).
@@ -247,6 +250,7 @@ class TeacherDataModule(L.LightningDataModule):
         task_options: dict[str, Any] | None = None,
         base_model: str | None = None,
         teacher_steps: int | None = None,
+        adaptive: bool = False,
         batch_size: int = 1,
         num_workers: int = 0,
         max_prompt_tokens: int = 1024,
@@ -269,6 +273,7 @@ class TeacherDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.teachers, self.rollouts_dir, self.task_name, self.data_path = teachers, rollouts, task, data_path
         self.task_options, self.base_model, self.teacher_steps = task_options or {}, base_model, teacher_steps
+        self.adaptive = adaptive
         self.batch_size, self.num_workers = batch_size, num_workers
         self.max_prompt_tokens, self.max_answer_tokens, self.answer_source = max_prompt_tokens, max_answer_tokens, answer_source
         self.val_split, self.val_limit, self.test_split, self.test_limit = val_split, val_limit, test_split, test_limit
@@ -301,6 +306,9 @@ class TeacherDataModule(L.LightningDataModule):
         if self.teacher_steps is not None:
             expect["K"] = self.teacher_steps
         self.store = TeacherStore(path, expect=expect)
+        require(self.store.adaptive or not self.adaptive, f"teacher store {path} teaches every problem K="
+                f"{self.store.K} steps, but model.adaptive needs each problem's own step count: build it with "
+                "`qthink teachers --adaptive --position-scheme steps`")
         return self.store
 
     def setup(self, stage: str) -> None:

@@ -45,9 +45,10 @@ CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning
 EXTENDS = "extends"  # the top-level config-file key naming the file it builds on
 
 
-def teacher_steps(latent_steps: int, distill: str) -> int | None:
-    """The K the teacher store must have: the model's when it distils, unchecked otherwise (SFT, K=0)."""
-    return None if distill == "none" else latent_steps
+def teacher_steps(latent_steps: int, distill: str, adaptive: bool = False) -> int | None:
+    """The K the teacher store must have: the model's when it distils or reads the store's step counts
+    (adaptive), unchecked otherwise (SFT, K=0)."""
+    return None if distill == "none" and not adaptive else latent_steps
 
 
 class QThinkCLI(LightningCLI):
@@ -56,7 +57,9 @@ class QThinkCLI(LightningCLI):
         # --print_config and the saved config.yaml (jsonargparse drops SUPPRESSed keys from dumps)
         parser.add_argument(f"--{EXTENDS}", type=str | None, default=None, help=argparse.SUPPRESS)
         parser.link_arguments("model.base_model", "data.base_model")
-        parser.link_arguments(("model.latent_steps", "model.distill"), "data.teacher_steps", compute_fn=teacher_steps)
+        parser.link_arguments(("model.latent_steps", "model.distill", "model.adaptive"), "data.teacher_steps",
+                              compute_fn=teacher_steps)
+        parser.link_arguments("model.adaptive", "data.adaptive")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would load --ckpt_path here (a traceback for a damaged file) and silently replace the

@@ -1,9 +1,12 @@
 """`QThinkModule`: the LightningModule that trains QThink (LoRA on a frozen base + the projection head).
 
-    loss = CE(answer | prompt, K latents) + gamma * sum_k L1(h_k, t_k)
+    loss = CE(answer | prompt, K latents) + gamma * sum_k L1(h_k, t_k)  [+ halt_weight * BCE(stop | h_k)]
 
 `h_k` is the student's hidden state after latent step k (`qthink.core.latent.think`), `t_k` the teacher state
-for that step from the teacher store (uniform or reward-weighted mean over rollouts). The latent loop,
+for that step from the teacher store (uniform or reward-weighted mean over rollouts). With `adaptive`, each
+problem runs its own number of latent steps n (the store's, at most K), batched with per-row masks, and a
+halting head learns from h_k whether step k was the last (target 1 at k = n); at inference the student
+stops where it says so. The latent loop,
 the answer pass and the chunked cross-entropy are `qthink.core.latent`'s; this module only adds the losses,
 the optimizer, metrics, and checkpoints that hold the trainable weights alone.
 
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from qthink.core.latent import (
+    HaltingHead,
     ProjectionHead,
     answer_hidden,
     answer_token_losses,
@@ -85,13 +89,28 @@ def mean_row_ce(hidden: Tensor, lm_head: nn.Module, labels: Tensor) -> Tensor:
 
 
 def l1_per_step(latents: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
-    """[K] L1 per latent step: |h_k - t_k| averaged over hidden dims, then over rows with a valid teacher.
+    """[K] L1 per latent step: |h_k - t_k| averaged over hidden dims, then over the rows with a valid teacher
+    for that step (`valid`: [B], or [B, K] when rows take different numbers of steps).
 
     Steps are 0 where no row of the batch has a valid teacher (those rows train on CE alone).
     """
     per_row = (latents.float() - targets.float()).abs().mean(-1)  # [B, K]
-    weight = valid.to(per_row.dtype)[:, None]
-    return (per_row * weight).sum(0) / weight.sum().clamp(min=1.0)
+    weight = (valid[:, None] if valid.dim() == 1 else valid).to(per_row.dtype).expand_as(per_row)
+    return (per_row * weight).sum(0) / weight.sum(0).clamp(min=1.0)
+
+
+def step_mask(num_steps: Tensor, k: int) -> Tensor:
+    """[B, k] bool: which of k latent steps each row takes (row i takes its first num_steps[i])."""
+    return torch.arange(k, device=num_steps.device)[None] < num_steps[:, None]
+
+
+def halting_loss(logits: Tensor, num_steps: Tensor, rows: Tensor) -> Tensor:
+    """Binary cross-entropy of the halting logits [B, k]: stop (1) at each row's last step, go on (0) before
+    it; averaged over the steps the rows take, for the rows in `rows` (those with a teacher count)."""
+    live = step_mask(num_steps, logits.shape[1]) & rows[:, None]
+    last = torch.arange(logits.shape[1], device=logits.device)[None] == (num_steps - 1)[:, None]
+    losses = F.binary_cross_entropy_with_logits(logits.float(), last.float(), reduction="none")
+    return (losses * live).sum() / live.sum().clamp(min=1)
 
 
 def distill_term(l1_steps: Tensor, mode: Distill) -> Tensor:
@@ -138,7 +157,11 @@ class QThinkModule(L.LightningModule):
     Args:
         base_model: Base model directory or Hugging Face repo id (e.g. Qwen/Qwen3-1.7B); loaded in float32.
         lora: LoRA adapter settings.
-        latent_steps: K, the number of latent passes between the prompt and the answer (0 = plain SFT).
+        latent_steps: K, the number of latent passes between the prompt and the answer (0 = plain SFT); with
+            adaptive, the most a problem may take (K_max).
+        adaptive: The student decides how long to think: each problem trains on its own number of latent
+            steps (a store built with `qthink teachers --adaptive`), and a halting head learns where to stop.
+        halt_weight: Weight of the halting head's cross-entropy (adaptive only).
         distill: Which latent steps get the L1 loss: every step, the last step only (CODI-style), or none.
         teacher: Teacher states: `uniform` = mean over all valid rollouts, `weighted` = over correct ones.
         gamma: Weight of the summed L1 distillation loss against the answer cross-entropy.
@@ -159,6 +182,8 @@ class QThinkModule(L.LightningModule):
         base_model: str,
         lora: LoraArgs = LoraArgs(),  # noqa: B008 (frozen dataclass: a shared default is safe)
         latent_steps: int = 6,
+        adaptive: bool = False,
+        halt_weight: float = 1.0,
         distill: Distill = "per_step",
         teacher: Teacher = "uniform",
         gamma: float = 2.0,
@@ -180,17 +205,23 @@ class QThinkModule(L.LightningModule):
         require(distill == "none" or latent_steps > 0,
                 f"model.distill={distill} needs model.latent_steps > 0; use distill: none for K=0 (plain SFT)")
         require(gamma >= 0, f"model.gamma must be >= 0 (got {gamma})")
+        require(not adaptive or (latent_steps > 0 and distill != "final_step"),
+                "model.adaptive needs model.latent_steps > 0 (the most steps a problem may take) and distill "
+                "per_step or none (each problem's last step differs)")
+        require(halt_weight >= 0, f"model.halt_weight must be >= 0 (got {halt_weight})")
         require(lora_args.r >= 0, f"model.lora.r must be >= 0 (got {lora_args.r})")
         require(0 <= min_lr_ratio <= 1, f"model.min_lr_ratio must be in [0, 1] (got {min_lr_ratio})")
         self.save_hyperparameters()
         self.base_model, self.lora = base_model, lora_args
         self.latent_steps, self.distill, self.teacher, self.gamma = latent_steps, distill, teacher, gamma
+        self.adaptive, self.halt_weight = adaptive, halt_weight
         self.lr, self.weight_decay, self.min_lr_ratio = lr, weight_decay, min_lr_ratio
         self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
         self.seed, self.trust_remote_code = seed, trust_remote_code
         self.val_max_new_tokens, self.val_task, self.val_log_samples = val_max_new_tokens, val_task, val_log_samples
         self.model: nn.Module | None = None
         self.head: ProjectionHead | None = None
+        self.halting_head: HaltingHead | None = None
         self.tokenizer = None
         self.eval_metrics: nn.ModuleDict | None = None
         self._task_obj = None
@@ -215,19 +246,21 @@ class QThinkModule(L.LightningModule):
                                     target_modules=list(self.lora.target_modules), bias="none", task_type="CAUSAL_LM")
                 model = get_peft_model(model, config)
             head = ProjectionHead(model.config.hidden_size)
+            halting = HaltingHead(model.config.hidden_size) if self.adaptive else None
         head.requires_grad_(self.latent_steps > 0)  # K = 0 never calls the head: DDP must not wait for its grads
-        self.model, self.head, self.tokenizer = model, head, tokenizer
+        self.model, self.head, self.halting_head, self.tokenizer = model, head, halting, tokenizer
 
     def trainable_names(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}
 
     def as_qthink(self) -> QThink:
         """The current weights as a `QThink` (adapters unmerged): generate with it exactly like an export."""
-        return QThink(self.model, self.tokenizer, self.head, self.latent_steps, self.training_info())
+        return QThink(self.model, self.tokenizer, self.head, self.latent_steps, self.training_info(), self.halting_head)
 
     def training_info(self) -> dict[str, Any]:
         """How this model is trained, for qthink.json."""
-        return {"base_model": self.base_model, "latent_steps": self.latent_steps, "distill": self.distill,
+        return {"base_model": self.base_model, "latent_steps": self.latent_steps, "adaptive": self.adaptive,
+                "distill": self.distill,
                 "teacher": self.teacher, "gamma": self.gamma, "lora": asdict(self.lora), "lr": self.lr,
                 "seed": self.seed}
 
@@ -235,11 +268,12 @@ class QThinkModule(L.LightningModule):
 
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:
         """`loss`, `ce`, `distill` and, when a teacher of matching K is in the batch, per-step diagnostics."""
-        state = think(self.model, self.head, batch["prompt_ids"], batch["prompt_mask"], self.latent_steps)
+        k = self.latent_steps
+        row_steps = batch["num_steps"] if self.adaptive else None
+        state = think(self.model, self.head, batch["prompt_ids"], batch["prompt_mask"], k, row_steps=row_steps)
         hidden = answer_hidden(self.model, state, batch["answer_ids"], batch["answer_mask"])
         ce = mean_row_ce(hidden, model_parts(self.model)[1], batch["labels"])
         out = {"ce": ce, "distill": ce.new_zeros(())}
-        k = self.latent_steps
         has_teacher = k > 0 and "teacher_uniform" in batch and batch["teacher_uniform"].shape[1] == k
         if self.distill != "none":
             got = batch["teacher_uniform"].shape[1] if "teacher_uniform" in batch else None
@@ -247,17 +281,26 @@ class QThinkModule(L.LightningModule):
                     "use a teacher store built with the same K")
         if has_teacher:
             targets, valid = teacher_targets(batch, self.teacher)
+            taken = state.latents.shape[1]  # adaptive: the batch's longest row, at most K
+            targets = targets[:, :taken]
+            if self.adaptive:
+                valid = valid[:, None] & step_mask(batch["num_steps"], taken)
             l1 = l1_per_step(state.latents, targets, valid)
             out["distill"] = distill_term(l1, self.distill)
             out.update(self._diagnostics(state.latents.detach().float(), targets.float(), valid, l1.detach()))
         out["loss"] = ce + self.gamma * out["distill"]
+        if self.adaptive:
+            logits = self.halting_head(state.latents)
+            out["halt"] = halting_loss(logits, batch["num_steps"], batch["num_valid"] > 0)
+            out["loss"] = out["loss"] + self.halt_weight * out["halt"]
         return out
 
     @staticmethod
     def _diagnostics(latents: Tensor, targets: Tensor, valid: Tensor, l1: Tensor) -> dict[str, Tensor]:
-        n = valid.float().sum().clamp(min=1.0)
-        cos = (F.cosine_similarity(latents, targets, dim=-1) * valid[:, None]).sum(0) / n
-        norm_t = (targets.norm(dim=-1) * valid[:, None]).sum(0) / n
+        weight = (valid[:, None] if valid.dim() == 1 else valid).float().expand(latents.shape[:2])
+        n = weight.sum(0).clamp(min=1.0)
+        cos = (F.cosine_similarity(latents, targets, dim=-1) * weight).sum(0) / n
+        norm_t = (targets.norm(dim=-1) * weight).sum(0) / n
         norm_h = latents.norm(dim=-1).mean(0)
         out = {}
         for k in range(latents.shape[1]):
@@ -328,7 +371,8 @@ class QThinkModule(L.LightningModule):
         task = self._task()
         if task is not None and self.eval_metrics is None:
             self.eval_metrics = nn.ModuleDict(
-                {s: nn.ModuleDict({m: MeanMetric() for m in task.metrics}) for s in ("val", "test")}
+                {s: nn.ModuleDict({m: MeanMetric() for m in (*task.metrics, *(("latent_steps",) if self.adaptive else ()))})
+                 for s in ("val", "test")}
             )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -344,7 +388,7 @@ class QThinkModule(L.LightningModule):
         tok = self.tokenizer
         gen = generate(self.model, self.head, batch["prompt_ids"], batch["prompt_mask"], self.latent_steps,
                        self.val_max_new_tokens, stop_ids(tok, getattr(self.model, "generation_config", None)),
-                       tok.pad_token_id)
+                       tok.pad_token_id, halting_head=self.halting_head)
         metrics = self.eval_metrics[stage]
         samples = []
         for row, record in enumerate(batch["records"]):
@@ -353,6 +397,8 @@ class QThinkModule(L.LightningModule):
             weight = 1.0 if batch.get("scored", [True] * len(batch["records"]))[row] else 0.0  # padding copies: 0
             for name in task.metrics:
                 metrics[name].update(float(scores[name]), weight=weight)
+            if self.adaptive:  # how long the student chose to think
+                metrics["latent_steps"].update(float(gen.latent_steps[row]), weight=weight)
             samples.append((task.prompt(record), text, task.reference(record), scores[task.metrics[0]]))
         size = len(batch["records"])
         for name, metric in metrics.items():  # torchmetrics syncs across DDP ranks at epoch end
