@@ -75,7 +75,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="seed-format checkpoint directory or Hugging Face repo id")
     p.add_argument("-q", "--question", nargs="+", default=[], help="question(s) to answer")
     p.add_argument("--input", help="JSON lines file with a `question` field per line")
-    p.add_argument("--latent-steps", type=int, default=None, help="K (default: the checkpoint's)")
+    p.add_argument("--latent-steps", type=int, default=None,
+                   help="K (default: the checkpoint's; an adaptive checkpoint then chooses each question's, at most K)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer token budget")
     p.add_argument("--batch-size", type=int, default=16, help="questions decoded together")
     from qthink.arguments import add_decode_mode_argument
@@ -124,7 +125,8 @@ def generate_main(args) -> None:
     qt = QThink.from_pretrained(args.ckpt, parse_dtype(args.dtype), device, args.trust_remote_code)
     for r in qt.generate(questions, args.latent_steps, args.max_new_tokens, args.batch_size,
                          decode_mode=args.decode_mode):
-        print(json.dumps({"question": r["question"], "answer": r["answer"], "token_ids": r["token_ids"]}), flush=True)
+        print(json.dumps({"question": r["question"], "answer": r["answer"], "token_ids": r["token_ids"],
+                          "latent_steps": r["latent_steps"]}), flush=True)
 
 
 LOCAL = {

@@ -22,14 +22,15 @@ def tiny_base(tmp_path_factory) -> Path:
 
 def write_test_store(out: Path, base: Path, n: int = 8, K: int = 6, hidden: int | None = None, G: int = 2,
                      base_name: str | None = None, poison: dict[int, float] | None = None, seed: int = 0,
-                     no_valid: bool = False) -> Path:
+                     no_valid: bool = False, adaptive: bool = False) -> Path:
     """A synthetic-task rollouts dir (`out/rollouts`) and teacher store (`out/teachers`) of `n` problems.
 
     Rollout 0 of each problem is wrong, rollout 1 correct, except: problem 1 has no correct rollout (so
     `weighted_valid` is false and the answer falls back to the reference), problem 2's correct rollout is
     unfinished (no EOS: falls back too), problem 3 has no valid rollout (`num_valid` 0). Teacher rows are
     seeded Gaussians; `poison` sets all of problem i's teacher values to a value (NaN/inf tests); `no_valid`
-    gives no problem a valid rollout.
+    gives no problem a valid rollout. `adaptive`: problem i is taught (i % K) + 1 latent steps, its later
+    teacher slots zero, as `qthink teachers --adaptive` writes.
     """
     from transformers import AutoTokenizer
 
@@ -64,9 +65,14 @@ def write_test_store(out: Path, base: Path, n: int = 8, K: int = 6, hidden: int 
         weighted[i] = value
     weighted_valid = torch.tensor([i != 1 for i in range(n)])
     num_valid = torch.tensor([0 if i == 3 or no_valid else G for i in range(n)], dtype=torch.int32)
+    num_steps = torch.tensor([(i % K) + 1 if adaptive else K for i in range(n)], dtype=torch.int32)
+    for i, steps in enumerate(num_steps.tolist()):
+        uniform[i, steps:], weighted[i, steps:] = 0, 0
     entry = write_shard(store_dir, 0, {"problem_index": torch.arange(n), "uniform": uniform, "weighted": weighted,
-                                       "weighted_valid": weighted_valid, "num_valid": num_valid})
+                                       "weighted_valid": weighted_valid, "num_valid": num_valid,
+                                       "num_steps": num_steps})
     write_manifest(store_dir, {"base_model": base_name or str(base), "hidden_size": hidden, "K": K, "G": G,
+                               "adaptive": adaptive,
                                "position_scheme": "linspace", "hidden_state": "post-norm last layer",
                                "dtype": "float32", "task": "synthetic", "split": "train",
                                "rollouts": str(rollouts_dir), "shards": [entry]})

@@ -67,6 +67,9 @@ def setup_files(work: Path, ckpt: Path, store: Path, fit_ckpt: Path) -> None:
     (work / "list.yaml").write_text("- trainer\n- model\n")
     (work / "run6" / "checkpoints").mkdir(parents=True)
     shutil.copy(fit_ckpt, work / "run6" / "checkpoints" / "last.ckpt")
+    shutil.copytree(store, work / "old-store")  # a store written before per-problem step counts (format 1)
+    manifest = json.loads((work / "old-store" / "manifest.json").read_text())
+    (work / "old-store" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
     (work / "ro").mkdir()
     (work / "ro").chmod(0o555)
 
@@ -132,6 +135,16 @@ CASES = [
     (TEACHERS + "--rollouts {W}/missing --out {W}/t", "has no rollouts.jsonl"),
     ("eval {CKPT} --task tooluse --data-path {W}/tooluse.json --out {W}/e", "field 'idx' is bool, expected int"),
     (ROLLOUTS + "--out {W}/r --task-option steps=true", "task option steps=true: synthetic takes an integer steps"),
+    (ROLLOUTS + "--out {W}/r --task-option steps=4-2", "synthetic steps must be between 1 and 25, low before high"),
+    (ROLLOUTS + "--out {W}/r --task-option steps=2-x", "synthetic steps must be a number or a range LOW-HIGH"),
+    ("demo --workdir {W}/d --chain-steps 2-x", "--chain-steps must be a number or a range LOW-HIGH such as 2-4"),
+    # adaptive latent steps: the store must hold each problem's own step count, in this format
+    (TEACHERS + "--out {W}/t --adaptive", "--adaptive teaches each problem its own step count: it needs "
+     "--position-scheme steps"),
+    ("!" + FIT + "-c {ADAPTIVE} --data.teachers {STORE} --model.latent_steps 6 --trainer.default_root_dir {RUN}",
+     "but model.adaptive needs each problem's own step count"),
+    ("!" + FIT + "--data.teachers {W}/old-store --trainer.default_root_dir {RUN}",
+     "format_version is 1, this qthink reads 2; rebuild the store"),
     # flags
     ("generate {CKPT} --input {W}/empty.jsonl", "no questions given"),
     ("generate {CKPT} -q hi --batch-size -1", "--batch-size must be > 0 (got -1)"),
@@ -174,7 +187,7 @@ def names(ckpt, fit_ckpt, tiny_base, teacher_store, tmp_path_factory) -> dict[st
 
     extra = tmp_path_factory.mktemp("bad-inputs-extra")
     return {"CKPT": str(ckpt), "CONFIG": str(CONFIGS / "qthink.yaml"), "SFT": str(CONFIGS / "sft.yaml"),
-            "CODI": str(CONFIGS / "codi.yaml"), "BASEMODEL": str(tiny_base), "STORE": str(teacher_store),
+            "CODI": str(CONFIGS / "codi.yaml"), "ADAPTIVE": str(CONFIGS / "adaptive.yaml"), "BASEMODEL": str(tiny_base), "STORE": str(teacher_store),
             "ROLLOUTS": str(teacher_store.parent / "rollouts"),
             "OTHERBASE": str(build_tiny_base(extra / "base-64", hidden_size=64)),
             "K4STORE": str(write_test_store(extra / "k4", tiny_base, K=4))}

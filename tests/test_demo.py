@@ -36,10 +36,12 @@ def test_quick_demo_writes_the_full_table_report_and_plots(quick_run):
     assert labels == [system.label for system in SYSTEMS]
     for row in rows[2:]:
         assert re.fullmatch(r"\d+\.\d%", row[3]), row
-    latent_steps = {r[0]: int(r[2]) for r in rows[2:]}
-    assert latent_steps["QThink, steps positions"] == 3 and latent_steps["CODI (RW final-step)"] == 6
-    assert "## Cost side" in (workdir / "report.md").read_text()
+    latent_steps = {r[0]: r[2] for r in rows[2:]}
+    assert latent_steps["QThink, steps positions, fixed K"] == "4" and latent_steps["CODI (RW final-step)"] == "6"
+    assert re.fullmatch(r"4|\d\.\d\d \(≤ 4\)", latent_steps["QThink, steps positions, adaptive K"])
     report = (workdir / "report.md").read_text()
+    assert "## Cost side" in report and "## By chain length" in report
+    assert "| System | 2 steps | 3 steps | 4 steps | All |" in result["table_by_length"]
     assert result["table"] in report
     assert (workdir / "training_curves.png").stat().st_size > 10_000
     assert (workdir / "accuracy_vs_cost.png").stat().st_size > 10_000
@@ -47,8 +49,16 @@ def test_quick_demo_writes_the_full_table_report_and_plots(quick_run):
         summary = json.loads((workdir / "eval" / system.name / "summary.json").read_text())
         assert summary["problems"] == 48
     # the students are real seed-format checkpoints
-    for name in ("sft", "codi", "rw-per-step", "qthink", "qthink-steps"):
+    for name in ("sft", "codi", "rw-per-step", "qthink", "qthink-steps", "qthink-adaptive"):
         assert (workdir / "export" / name / "projection_head.pt").is_file()
+    # the adaptive student: its halting head is exported, and it chose each problem's latent steps (1 to 4)
+    assert (workdir / "export" / "qthink-adaptive" / "halting_head.safetensors").is_file()
+    summary = json.loads((workdir / "eval" / "qthink-adaptive" / "summary.json").read_text())
+    assert 1 <= summary["mean_latent_steps"] <= 4 and set(summary["by_length"]) == {"2", "3", "4"}
+    preds = [json.loads(line) for line in (workdir / "eval" / "qthink-adaptive" / "predictions.jsonl").open()]
+    assert {p["chain_length"] for p in preds} == {2, 3, 4} and all(1 <= p["latent_steps"] <= 4 for p in preds)
+    store = json.loads((workdir / "teachers-steps-adaptive-k4" / "manifest.json").read_text())
+    assert store["adaptive"] is True and set(store["counts"]["num_steps"]) <= {"1", "2", "3", "4"}
 
 
 def test_demo_rerun_skips_finished_stages_and_gives_the_same_table(quick_run, capsys):

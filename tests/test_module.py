@@ -99,12 +99,15 @@ def test_every_mode_trains_and_the_loss_goes_down(distill, teacher, teacher_stor
 
 def reference_loss(module, batch, store, gamma: float) -> float:
     """The loss recomputed one problem at a time, running the model on the whole sequence at every step
-    (no KV cache, no padding, default positions), from the store's own rows."""
-    model, head, k_steps = module.model, module.head, module.latent_steps
+    (no KV cache, no padding, default positions), from the store's own rows; an adaptive module runs each
+    problem for its own number of steps and adds the halting cross-entropy."""
+    model, head = module.model, module.head
     embed = model.get_input_embeddings()
-    ces, l1, valid = [], [], []
+    ces, l1, valid, halts = [], [], [], []
     with torch.no_grad():
         for i in range(batch["prompt_ids"].shape[0]):
+            row = store.row(int(batch["problem_index"][i]))
+            k_steps = row["num_steps"] if module.adaptive else module.latent_steps
             prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()]
             answer = batch["answer_ids"][i][batch["answer_mask"][i].bool()]
             seq = embed(prompt)[None]
@@ -117,15 +120,23 @@ def reference_loss(module, batch, store, gamma: float) -> float:
             logits = model(inputs_embeds=torch.cat([seq, embed(answer[:-1])[None]], 1)).logits[0, -len(answer):]
             ces.append(F.cross_entropy(logits.float(), answer))
             if k_steps:
-                row = store.row(int(batch["problem_index"][i]))
-                target = row[module.teacher]
+                target = row[module.teacher][:k_steps]
                 ok = row["num_valid"] > 0 and (module.teacher == "uniform" or row["weighted_valid"])
-                l1.append((torch.stack(states) - target).abs().mean(-1))  # [K]
+                l1.append((torch.stack(states) - target).abs().mean(-1))  # [k]
                 valid.append(ok)
+            if module.adaptive and row["num_valid"] > 0:
+                stop = torch.zeros(k_steps)
+                stop[-1] = 1.0
+                halts.append(F.binary_cross_entropy_with_logits(module.halting_head(torch.stack(states)), stop,
+                                                                reduction="none"))
     loss = torch.stack(ces).mean()
     if module.distill != "none" and any(valid):
-        per_step = torch.stack([x for x, ok in zip(l1, valid, strict=True) if ok]).mean(0)
+        kept = [x for x, ok in zip(l1, valid, strict=True) if ok]
+        per_step = torch.stack([torch.stack([x[k] for x in kept if len(x) > k]).mean()
+                                for k in range(max(len(x) for x in kept))])
         loss = loss + gamma * (per_step.sum() if module.distill == "per_step" else per_step[-1])
+    if halts:
+        loss = loss + module.halt_weight * torch.cat(halts).mean()
     return float(loss)
 
 
@@ -178,6 +189,23 @@ def test_training_step_loss_matches_an_independent_recomputation(distill, teache
     assert not batch["weighted_valid"].all() and (batch["num_valid"] == 0).any()  # CE-only rows are in it
     expected = reference_loss(module, batch, TeacherStore(teacher_store), module.gamma)
     assert math.isclose(recorder.losses[0], expected, rel_tol=1e-5), (recorder.losses[0], expected)
+
+
+def test_adaptive_loss_matches_an_independent_recomputation(store_factory, tiny_base, tmp_path):
+    """Rows of 1 to 4 latent steps in one batch (per-row masks and positions) give the loss of running each
+    problem alone with its own K, plus the halting head's cross-entropy; and the adaptive student trains."""
+    store = store_factory(K=4, adaptive=True)
+    module = QThinkModule(str(tiny_base), latent_steps=4, adaptive=True, lr=0.0)
+    recorder = Recorder()
+    fit(module, store, tiny_base, tmp_path, max_steps=1, callbacks=[recorder], shuffle=False, adaptive=True)
+    batch = recorder.batches[0]
+    assert sorted(set(batch["num_steps"].tolist())) == [1, 2, 3, 4]
+    expected = reference_loss(module, batch, TeacherStore(store), module.gamma)
+    assert math.isclose(recorder.losses[0], expected, rel_tol=1e-5), (recorder.losses[0], expected)
+    module = QThinkModule(str(tiny_base), latent_steps=4, adaptive=True, lr=3e-3, warmup_steps=0)
+    recorder = Recorder()
+    fit(module, store, tiny_base, tmp_path / "train", max_steps=8, callbacks=[recorder], shuffle=False, adaptive=True)
+    assert sum(recorder.losses[-2:]) / 2 < recorder.losses[0] - 0.1, recorder.losses
 
 
 def test_k0_without_distillation_is_plain_sft(teacher_store, tiny_base, tmp_path, store_factory):

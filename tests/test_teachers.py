@@ -135,7 +135,8 @@ def test_store_matches_independent_recomputation(tiny_base, hand, store_f32):
     check_against_recomputation(store_f32, recompute(tiny_base, hand, 4, numpy_linspace), 4)
     manifest = json.loads((store_f32 / "manifest.json").read_text())
     assert manifest["counts"] == {"problems": 6, "rollouts": 16, "valid": 11, "excluded_unclosed": 4,
-                                  "excluded_empty": 1, "correct_valid": 6, "weighted_valid": 3, "without_valid": 2}
+                                  "excluded_empty": 1, "correct_valid": 6, "weighted_valid": 3, "without_valid": 2,
+                                  "num_steps": {"4": 6}}
     assert manifest["problems_without_valid"] == [2, 3]
     assert (manifest["position_scheme"], manifest["dtype"], manifest["G"], manifest["task"]) == \
         ("linspace", "float32", 3, "synthetic")
@@ -281,3 +282,46 @@ def test_manifests_record_local_paths_absolute_so_a_store_works_from_any_folder(
     dm = TeacherDataModule(str(tmp_path / "teachers"), base_model=str(tmp_path / "base"), teacher_steps=2)
     dm.setup("fit")
     assert dm.stats["from_rollout"] == 4
+
+
+def test_adaptive_store_teaches_each_problem_its_own_step_count(tiny_base, tmp_path):
+    """Chains of 2 to 4 steps, each with the reference, a wrong answer and a twice-as-long chain: every problem
+    is taught its own count (the most common among its rollouts), at the `=` before each result (the long
+    chain: that many chosen evenly), later slots zero; against the plain-transformers recomputation at that K."""
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    task = get_task("synthetic", steps="2-4")
+    records = task.load("train", n=N)
+    lengths = [len(r["chain"]) for r in records]
+    assert set(lengths) == {2, 3, 4}, "the test must see every length"
+    rollouts = tmp_path / "rollouts"
+    rollouts.mkdir()
+    lines = []
+    for i, record in enumerate(records):
+        right, think = record["answer"], record["think"]
+        wrong = str((int(right) + 1) % 10)
+        made = [{**reference_rollout(tok, text, answer), "reward": float(answer == right)}
+                for text, answer in ((think, right), (think, wrong), (f"{think} so {think}", right))]
+        lines.append(json.dumps({"problem_index": i, "problem_id": record["id"], "question": task.prompt(record),
+                                 "rollouts": made}))
+    (rollouts / ROLLOUTS).write_text("\n".join(lines) + "\n")
+    (rollouts / "manifest.json").write_text(json.dumps({"base_model": str(tiny_base), "task": "synthetic",
+                                                        "split": "train", "G": G, "task_options": {"steps": "2-4"}}))
+    out = tmp_path / "adaptive"
+    teachers(tiny_base, rollouts, out, K=4, dtype="float32", position_scheme="steps", adaptive=True)
+
+    def equals_tokens(tok, content, K):
+        eq = [i for i, t in enumerate(content) if tok.decode([t]) == "="][1::2]
+        return [eq[round(j * (len(eq) - 1) / (K - 1))] for j in range(K)]
+
+    expected = {n: recompute(tiny_base, rollouts, n, equals_tokens) for n in (2, 3, 4)}
+    store = TeacherStore(out, expect={"K": 4})
+    assert store.adaptive
+    for i, n in enumerate(lengths):
+        row = store.row(i)
+        assert row["num_steps"] == n
+        uniform, weighted, _, num_valid = expected[n][i]
+        assert row["num_valid"] == num_valid == 3
+        assert close(row["uniform"][:n], uniform) and close(row["weighted"][:n], weighted)
+        assert not row["uniform"][n:].any() and not row["weighted"][n:].any()
+    counts = json.loads((out / "manifest.json").read_text())["counts"]["num_steps"]
+    assert counts == {str(n): lengths.count(n) for n in (2, 3, 4)}

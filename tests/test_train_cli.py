@@ -31,7 +31,8 @@ def tiny_args(base, store, root, *extra) -> list[str]:
 @pytest.mark.parametrize("files", [
     ["tiny/qthink.yaml", "tiny/sft.yaml"], ["tiny/qthink.yaml", "tiny/codi.yaml"],
     ["tiny/qthink.yaml", "tiny/rw-per-step.yaml"], ["tiny/qthink.yaml", "tiny/uniform-per-step.yaml"],
-    ["tiny/qthink.yaml", "tiny/steps.yaml"],
+    ["tiny/qthink.yaml", "tiny/steps.yaml"], ["tiny/qthink.yaml", "tiny/adaptive.yaml"],
+    ["qwen3-1.7b/gsm8k.yaml", "qwen3-1.7b/adaptive.yaml"],
     ["qwen3-1.7b/tooluse.yaml", "qwen3-1.7b/sft.yaml"], ["qwen3-1.7b/gsm8k.yaml", "qwen3-1.7b/codi.yaml"],
     ["qwen3-1.7b/math.yaml", "qwen3-1.7b/rw-per-step.yaml"], ["qwen3-1.7b/tooluse.yaml", "qwen3-1.7b/steps.yaml"],
 ])
@@ -46,6 +47,7 @@ def test_every_config_parses_and_paths_follow_default_root_dir(files, capsys):
     distill = {"sft": "none", "codi": "final_step"}.get(variant, "per_step")
     assert f"distill: {distill}" in printed
     assert f"teacher: {'weighted' if variant in ('codi', 'rw-per-step') else 'uniform'}" in printed
+    assert f"adaptive: {'true' if variant == 'adaptive' else 'false'}" in printed
 
 
 def print_config(capsys, *args: str) -> str:

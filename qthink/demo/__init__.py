@@ -42,6 +42,7 @@ from qthink.demo.stages import (
     store_name,
 )
 from qthink.errors import UserError, require
+from qthink.tasks.synthetic import parse_steps, steps_label
 
 
 def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, force: bool = False,
@@ -61,7 +62,7 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int =
     stages = Stages(workdir, force, asdict(s))
     stages.run("base", build_base, workdir, s, seed)
     stages.run("rollouts", build_rollouts, workdir, s, seed, workers)
-    stores = {("linspace", s.recipe_K), ("steps", s.steps_K)}
+    stores = {("linspace", s.recipe_K), ("steps", s.steps_K), ("steps-adaptive", s.steps_K)}
     stages.run_parallel([(store_name(sc, K), build_store, (workdir, sc, K)) for sc, K in sorted(stores)], workers)
     stages.run_parallel(fit_jobs(workdir, s, seed), workers)
     rows = []
@@ -71,7 +72,7 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int =
         result = stages.run(f"eval-{system.name}", evaluate_system, workdir, s, system.name, system.label,
                             target, mode)["result"]
         rows.append({**result, "scheme": system.scheme, "fit": stages.done.get(f"fit-{system.name}", {}).get("result")})
-    from qthink.demo.report import results_table, write_report
+    from qthink.demo.report import by_length_table, results_table, write_report
 
     cost = stages.run("cost", cost_split, workdir, s, rows)["result"]
     ablation = None
@@ -80,13 +81,16 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int =
 
         ablation = seed_ablation(workdir, s, stages, ablation_seeds, seed, workers)
     table = results_table(rows)
+    per_length = by_length_table(rows)
     report = write_report(workdir, table, rows, cost, asdict(s), stages.done, quick, seed, ablation,
                           time.perf_counter() - began)
     print("\n" + table)
+    if per_length:
+        print("\nBy chain length:\n" + per_length)
     if ablation:
         print("\n" + ablation)
     print(f"\n[demo] report: {report}  (wall {time.perf_counter() - began:.0f} s)")
-    return {"table": table, "rows": rows, "cost": cost, "ablation": ablation, "report": str(report)}
+    return {"table": table, "table_by_length": per_length, "rows": rows, "cost": cost, "ablation": ablation, "report": str(report)}
 
 
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,8 +98,9 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="toy sizes: the same pipeline end to end in about 2 minutes")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--force", action="store_true", help="redo every stage")
-    p.add_argument("--chain-steps", type=int, default=None,
-                   help="operations per synthetic chain (default 3; 6 makes the seed's K=6 one latent per step)")
+    p.add_argument("--chain-steps", default=None,
+                   help="operations per synthetic chain: a number or a range LOW-HIGH, each problem's length drawn "
+                   "from it (default 2-4; 6 makes the seed's K=6 one latent per step)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes for independent stages (default: 2, or 1 on a one-core machine)")
     p.add_argument("--ablation-seeds", default=None,
@@ -113,14 +118,18 @@ def parse_seeds(text: str | None, flag: str) -> list[int] | None:
         raise UserError(f"{flag} must be comma-separated integers (got {text!r})") from e
 
 
-def demo_settings(quick: bool, chain_steps: int | None) -> DemoSettings:
-    """The default or `--quick` sizes; `--chain-steps N` sets the chains' length and a budget of 8 tokens per
-    step plus room for the answer."""
+def demo_settings(quick: bool, chain_steps: str | None) -> DemoSettings:
+    """The default or `--quick` sizes; `--chain-steps N` or `LOW-HIGH` sets the chains' lengths and a budget
+    of 10 tokens per step of the longest plus room for the answer."""
     s = QUICK if quick else DemoSettings()
     if chain_steps is None:
         return s
-    require(1 <= chain_steps <= 12, f"--chain-steps must be between 1 and 12 (got {chain_steps})")
-    return replace(s, chain_steps=chain_steps, max_new_tokens=10 * chain_steps + 10)
+    try:
+        low, high = parse_steps(chain_steps)
+    except UserError as e:
+        raise UserError(f"--chain-steps must be a number or a range LOW-HIGH such as 2-4 (got {chain_steps!r})") from e
+    require(high <= 12, f"--chain-steps must be between 1 and 12 (got {chain_steps})")
+    return replace(s, chain_steps=steps_label(chain_steps), max_new_tokens=10 * high + 10)
 
 
 def cli_main(args) -> None:

@@ -33,17 +33,43 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def decoder_passes(row: dict) -> float:
-    """Forward passes of the decoder per problem: one prefill, K latent passes, one per generated token after
-    the first (the prefill or the last latent pass predicts the first): K + generated tokens."""
-    return row["K"] + row["mean_tokens"]
+    """Forward passes of the decoder per problem: one prefill, K latent passes (the mean taken, where the
+    student chooses), one per generated token after the first (the prefill or the last latent pass predicts
+    the first): K + generated tokens."""
+    return row.get("mean_latent_steps", row["K"]) + row["mean_tokens"]
+
+
+def latent_steps_cell(row: dict) -> str:
+    """`3`, or for a student that chooses: `2.98 (≤ 4)`: the mean taken and the most it may take."""
+    taken = row.get("mean_latent_steps", row["K"])
+    return str(row["K"]) if taken == row["K"] else f"{taken:.2f} (≤ {row['K']})"
 
 
 def results_table(rows: list[dict]) -> str:
-    body = [[r["label"], (r.get("scheme") if r["K"] else None) or "-", str(r["K"]), f"{100 * r['metrics']['exact_match']:.1f}%",
-             f"{r['mean_tokens']:.1f}", f"{decoder_passes(r):.1f}", f"{1000 * r['seconds_per_problem']:.2f} ms"]
-            for r in rows]
+    body = [[r["label"], (r.get("scheme") if r["K"] else None) or "-", latent_steps_cell(r),
+             f"{100 * r['metrics']['exact_match']:.1f}%", f"{r['mean_tokens']:.1f}", f"{decoder_passes(r):.1f}",
+             f"{1000 * r['seconds_per_problem']:.2f} ms"] for r in rows]
     return markdown_table(["System", "Teacher positions", "Latent steps", "Exact match", "Generated tokens",
                            "Decoder passes", "Time / problem"], body)
+
+
+def by_length_table(rows: list[dict]) -> str | None:
+    """Exact match per chain length (rows: systems; columns: `2 steps`, `3 steps`, ...), from each
+    evaluation's `by_length`; for a student that chooses its K, the mean latent steps per length too.
+    None where the task has no lengths."""
+    lengths = sorted({int(n) for r in rows for n in r.get("by_length", {})})
+    if not lengths:
+        return None
+    body = []
+    for r in rows:
+        groups = r.get("by_length", {})
+        cells = [f"{100 * groups[str(n)]['exact_match']:.1f}%" if str(n) in groups else "" for n in lengths]
+        chooses = r.get("mean_latent_steps", r["K"]) != r["K"]
+        steps = " / ".join(f"{groups[str(n)]['mean_latent_steps']:.2f}" for n in lengths if str(n) in groups)
+        match = f" ({100 * r['latent_steps_match']:.0f}% exact)" if chooses and "latent_steps_match" in r else ""
+        body.append([r["label"], *cells, f"{100 * r['metrics']['exact_match']:.1f}%", (steps + match) if chooses else ""])
+    head = ["System", *(f"{n} steps" for n in lengths), "All", "Latent steps taken per length"]
+    return markdown_table(head, body)
 
 
 def spread(values: list[float]) -> str:
@@ -135,12 +161,15 @@ def write_report(workdir: Path, table: str, rows: list[dict], cost: dict, settin
         f"{rows[0]['problems']} held-out test problems (a hash assigns every problem to one split). "
         "Exact match = the final digit is right; greedy decoding.", "",
         table, "",
+        *(["## By chain length", "", per_length, ""] if (per_length := by_length_table(rows)) else []),
         "Rows: the base model with its chain of thought and without; SFT on answers with no latents; the "
         "latent students of the seed's table with its K and evenly spaced (`linspace`) teacher positions "
         "(CODI = reward-weighted teacher on the final latent step only, RW per-step = reward-weighted on every "
         "step, QThink = uniform teacher on every step, the seed's method), and QThink with one teacher "
-        "position per reasoning step (`steps`: the `=` before each intermediate result) and K = the chain's "
-        "length. Decoder passes = K + generated tokens.", "",
+        "position per reasoning step (`steps`: the `=` before each intermediate result): with K fixed at the "
+        "longest chain's length (shorter chains repeat their steps in turn), and adaptive, where each "
+        "problem is taught its own number of steps and a halting head chooses it at test time (its "
+        "latent steps: the mean taken, ≤ the most). Decoder passes = latent steps + generated tokens.", "",
         f"Rollouts: G={settings['G']} per problem at temperature {settings['temperature']}: "
         f"{rollouts.get('correct', 0) / n:.1%} correct, {rollouts.get('closed_think', 0) / n:.1%} closed their "
         "think block; so the uniform teacher (all valid rollouts) and the reward-weighted one (correct ones "
@@ -154,6 +183,9 @@ def write_report(workdir: Path, table: str, rows: list[dict], cost: dict, settin
         curve = (r.get("fit") or {}).get("val_exact_match")
         if curve:
             lines.append(f"- {r['label']}: " + ", ".join(f"step {s + 1}: {100 * v:.0f}%" for s, v in curve))
+        taken = (r.get("fit") or {}).get("val_latent_steps")
+        if taken:
+            lines.append("  - mean latent steps chosen: " + ", ".join(f"step {s + 1}: {v:.2f}" for s, v in taken))
     lines += ["", "## Settings", "", "```json", json.dumps(settings, indent=2), "```", "", "## Stage times (seconds)", ""]
     lines += [f"- {name}: {v['seconds']}" for name, v in stages.items() if name != "settings"]
     lines += ["", "## Plots", ""]

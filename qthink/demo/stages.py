@@ -11,6 +11,7 @@ from typing import Any
 
 from qthink.errors import require
 from qthink.files import atomic_write_text
+from qthink.tasks.synthetic import parse_steps
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 
@@ -21,7 +22,7 @@ class DemoSettings:
 
     base_steps: int = 400  # supervised steps teaching the tiny base to think (100% with thinking at 400)
     base_problems: int = 20000  # synthetic training chains for that stage (fresh ones: no memorising)
-    chain_steps: int = 3  # operations per synthetic chain (`a=3 b=a+4 c=b*2 d=c+5 d?`)
+    chain_steps: str = "2-4"  # operations per synthetic chain (`a=3 b=a+4 c=b*2 d=c+5 d?`): a number or a range, each problem's length drawn from it
     train_problems: int = 8000  # distinct problems with rollouts: the students' training set
     G: int = 4  # rollouts per problem
     temperature: float = 1.3  # rollout sampling; hot enough that about 8% of rollouts are wrong
@@ -30,13 +31,13 @@ class DemoSettings:
     lr: float = 3e-3  # LoRA + head learning rate (cosine to 0 after 3% warm-up)
     recipe_K: int = 6  # latent steps of the published recipe's rows (the seed's K; linspace positions)
     eval_problems: int = 300  # held-out synthetic test problems (disjoint from training by construction)
-    max_new_tokens: int = 40  # generation budget (a thinking answer of 3 steps is about 30 tokens, 8 per step)
+    max_new_tokens: int = 50  # generation budget (a thinking answer is about 8 tokens per step + 5; 4 steps: ~37)
     val_every: int = 250  # validation (64 held-out problems) every this many steps
 
     @property
     def steps_K(self) -> int:
-        """Latent steps of the `steps` student: one per reasoning step of the chain."""
-        return self.chain_steps
+        """Latent steps of the `steps` students: one per reasoning step of the longest chain (K_max)."""
+        return parse_steps(self.chain_steps)[1]
 
 
 QUICK = DemoSettings(base_steps=150, base_problems=500, train_problems=48, G=4, fit_steps=12, fit_batch_size=8,
@@ -49,7 +50,7 @@ class System:
     label: str
     variant: str | None = None  # override config layered on configs/tiny/qthink.yaml (None: no fit)
     scheme: str | None = None  # teacher positions of its store
-    K: int | str = 0  # latent steps: a number, "recipe" or "steps" (from the settings)
+    K: int | str = 0  # latent steps: a number, "recipe" or "steps" (from the settings; adaptive: the most)
 
 
 SYSTEMS = [
@@ -59,7 +60,8 @@ SYSTEMS = [
     System("codi", "CODI (RW final-step)", "codi.yaml", "linspace", "recipe"),
     System("rw-per-step", "QThink RW per-step", "rw-per-step.yaml", "linspace", "recipe"),
     System("qthink", "QThink (seed: uniform per-step, linspace)", "uniform-per-step.yaml", "linspace", "recipe"),
-    System("qthink-steps", "QThink, steps positions", "uniform-per-step.yaml", "steps", "steps"),
+    System("qthink-steps", "QThink, steps positions, fixed K", "uniform-per-step.yaml", "steps", "steps"),
+    System("qthink-adaptive", "QThink, steps positions, adaptive K", "adaptive.yaml", "steps-adaptive", "steps"),
 ]
 
 
@@ -135,10 +137,13 @@ def build_rollouts(workdir: Path, s: DemoSettings, seed: int, workers: int) -> d
 
 
 def build_store(workdir: Path, scheme: str, K: int) -> dict:
+    """A teacher store; scheme `steps-adaptive` is `steps` positions with each problem's own step count."""
     from qthink.teachers.extract import build_teachers
 
+    adaptive = scheme == "steps-adaptive"
     manifest = build_teachers(str(workdir / "base"), workdir / "rollouts", workdir / store_name(scheme, K), K=K,
-                              dtype="float32", batch_size=64, position_scheme=scheme)
+                              dtype="float32", batch_size=64, position_scheme=scheme.removesuffix("-adaptive"),
+                              adaptive=adaptive)
     return {"counts": manifest.get("counts"), "position_scheme": scheme, "K": K}
 
 
@@ -175,8 +180,9 @@ def fit_student(workdir: Path, s: DemoSettings, name: str, variant: str | None, 
     run_dir = workdir / "fit" / name
     run_lightning_cli(fit_argv(workdir, s, variant, store, K, seed, run_dir, train_limit))
     out = export_checkpoint(run_dir / "checkpoints" / "last.ckpt", workdir / "export" / name)
-    curve = read_scalars(run_dir / "tensorboard").get("val/exact_match", [])
-    return {"checkpoint": str(out), "run_dir": str(run_dir), "K": K, "store": store, "val_exact_match": curve}
+    scalars = read_scalars(run_dir / "tensorboard")
+    return {"checkpoint": str(out), "run_dir": str(run_dir), "K": K, "store": store,
+            "val_exact_match": scalars.get("val/exact_match", []), "val_latent_steps": scalars.get("val/latent_steps", [])}
 
 
 def evaluate_system(workdir: Path, s: DemoSettings, name: str, label: str, target: Path, mode: str) -> dict:
@@ -194,6 +200,7 @@ def cost_split(workdir: Path, s: DemoSettings, rows: list[dict], repeats: int = 
     and cut at its first token (prompt prefill + latent passes), on the same held-out problems."""
     import statistics
 
+    from qthink.demo.report import decoder_passes
     from qthink.evaluate import load_target
     from qthink.tasks import load_problems, make_task
 
@@ -205,8 +212,9 @@ def cost_split(workdir: Path, s: DemoSettings, rows: list[dict], repeats: int = 
     for key, row in (("latent", latent), ("base", base)):
         qt = load_target(row["target"], row["mode"], device="cpu")
         think = row["mode"] == "think"
+        k = None if row["mode"] == "qthink" else 0  # the checkpoint's own K (adaptive: each problem's choice)
 
-        def timed(max_new_tokens: int, qt=qt, think=think, k=row["K"]) -> float:
+        def timed(max_new_tokens: int, qt=qt, think=think, k=k) -> float:
             times = []
             for _ in range(repeats):
                 began = time.perf_counter()
@@ -216,7 +224,7 @@ def cost_split(workdir: Path, s: DemoSettings, rows: list[dict], repeats: int = 
 
         total, first = timed(s.max_new_tokens), timed(1)
         out[key] = {"label": row["label"], "exact_match": row["metrics"]["exact_match"], "K": row["K"],
-                    "passes": row["K"] + row["mean_tokens"], "ms_total": total, "ms_prefill": first,
+                    "passes": decoder_passes(row), "ms_total": total, "ms_prefill": first,
                     "ms_decode": max(total - first, 0.0)}
     return out
 

@@ -26,8 +26,13 @@ SCHEMES = ("linspace", "steps")
 KS = (1, 2, 3, 6)
 PROBLEMS = (1000, 2000, 8000)
 HEADLINE_SEEDS = (0, 1, 2)
-# the demo's own fits that are cells of the study (same settings, seed 0, all 8k problems)
-FROM_DEMO = {("sft", 0, 8000, 0): "sft", ("linspace", 6, 8000, 0): "qthink", ("steps", 3, 8000, 0): "qthink-steps"}
+
+
+def from_demo(s: DemoSettings) -> dict[tuple[str, int, int, int], str]:
+    """The demo's own fits that are cells of the study (same settings, seed 0, all its problems)."""
+    n = s.train_problems
+    return {("sft", 0, n, 0): "sft", ("linspace", s.recipe_K, n, 0): "qthink", ("steps", s.steps_K, n, 0): "qthink-steps",
+            ("steps-adaptive", s.steps_K, n, 0): "qthink-adaptive"}
 
 
 def cell_name(scheme: str, K: int, problems: int, seed: int) -> str:
@@ -46,8 +51,8 @@ def cells(s: DemoSettings) -> list[tuple[str, int, int, int]]:
 def fit_and_eval(workdir: Path, s: DemoSettings, scheme: str, K: int, problems: int, seed: int) -> float:
     """One cell: fit, export, exact match on the held-out problems."""
     name = cell_name(scheme, K, problems, seed)
-    variant, store = ("sft.yaml", store_name("linspace", s.recipe_K)) if scheme == "sft" else \
-        ("uniform-per-step.yaml", store_name(scheme, K))
+    variant = {"sft": "sft.yaml", "steps-adaptive": "adaptive.yaml"}.get(scheme, "uniform-per-step.yaml")
+    store = store_name("linspace", s.recipe_K) if scheme == "sft" else store_name(scheme, K)
     fit = fit_student(workdir, s, name, variant, store, K, seed, problems)
     summary = evaluate_system(workdir, s, name, name, Path(fit["checkpoint"]), "qthink")
     return summary["metrics"]["exact_match"]
@@ -57,11 +62,11 @@ def seed_ablation(workdir: Path, s: DemoSettings, stages: Stages, seeds: list[in
                   workers: int) -> str:
     """The demo's latent rows (and SFT) refitted per seed on the same base, rollouts and stores."""
     systems = (("sft", 0, "SFT"), ("linspace", s.recipe_K, "QThink, linspace (seed's)"),
-               ("steps", s.steps_K, "QThink, steps"))
+               ("steps", s.steps_K, "QThink, steps, fixed K"), ("steps-adaptive", s.steps_K, "QThink, steps, adaptive K"))
     jobs = [(cell_name(sc, K, s.train_problems, seed), fit_and_eval, (workdir, s, sc, K, s.train_problems, seed))
             for sc, K, _ in systems for seed in seeds if seed != run_seed]
     stages.run_parallel(jobs, workers)
-    demo_fit = {"sft": "sft", "linspace": "qthink", "steps": "qthink-steps"}
+    demo_fit = {"sft": "sft", "linspace": "qthink", "steps": "qthink-steps", "steps-adaptive": "qthink-adaptive"}
     rows = []
     for sc, K, label in systems:
         scores = [stages.done[f"eval-{demo_fit[sc]}"]["result"]["metrics"]["exact_match"] if seed == run_seed else
@@ -75,7 +80,7 @@ def collect(stages: Stages, s: DemoSettings) -> dict[tuple[str, int, int], list[
     """(scheme, K, problems) -> exact match per seed, the demo's own fits included."""
     scores: dict[tuple[str, int, int], list[float]] = {}
     for scheme, K, n, seed in cells(s):
-        name = FROM_DEMO.get((scheme, K, n, seed))
+        name = from_demo(s).get((scheme, K, n, seed))
         value = (stages.done[f"eval-{name}"]["result"]["metrics"]["exact_match"] if name
                  else stages.done[cell_name(scheme, K, n, seed)]["result"])
         scores.setdefault((scheme, K, n), []).append(value)
@@ -136,12 +141,12 @@ def run_study(workdir: str | Path = "runs/demo", seed: int = 0, workers: int | N
     workers = workers or default_workers()
     require(seed == 0, "the study reuses the demo's seed-0 fits; run the demo with --seed 0")
     stages = Stages(workdir, force=False, settings=asdict(s))
-    require("rollouts" in stages.done and all(f"eval-{n}" in stages.done for n in FROM_DEMO.values()),
+    require("rollouts" in stages.done and all(f"eval-{n}" in stages.done for n in from_demo(s).values()),
             f"{workdir} holds no finished default `qthink demo`; run it first (the study reuses its base and fits)")
     quiet_worker()
     stores = sorted({(sc, K) for sc in SCHEMES for K in KS})
     stages.run_parallel([(store_name(sc, K), build_store, (workdir, sc, K)) for sc, K in stores], workers)
-    todo = [c for c in cells(s) if c not in FROM_DEMO]
+    todo = [c for c in cells(s) if c not in from_demo(s)]
     todo.sort(key=lambda c: (-c[1], -c[2]))  # the longest fits first: the two processes end together
     stages.run_parallel([(cell_name(*c), fit_and_eval, (workdir, s, *c)) for c in todo], workers)
     scores = collect(stages, s)

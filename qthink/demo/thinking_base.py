@@ -46,7 +46,7 @@ def collate(sequences: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.
 
 
 def train_thinking_base(base: str | Path, out: str | Path, steps: int = 1000, batch_size: int = 64,
-                        lr: float = 2e-3, problems: int = 2000, seed: int = 0, chain_steps: int = 3) -> dict:
+                        lr: float = 2e-3, problems: int = 2000, seed: int = 0, chain_steps: int | str = 3) -> dict:
     """Fine-tune `base` on synthetic chains of `chain_steps` operations in both chat modes and save it to
     `out`; returns the curve."""
     torch.manual_seed(seed)

@@ -77,7 +77,8 @@ def check_option_types(name: str, options: dict[str, Any]) -> None:
     and 2.5 would slip through a range check."""
     hints = typing.get_type_hints(TASKS[name].__init__) if name in TASKS else {}
     for key, value in options.items():
-        require(hints.get(key) is not int or type(value) is int,
+        takes_int = hints.get(key) is int or int in typing.get_args(hints.get(key))
+        require(not takes_int or (type(value) is not bool and (hints.get(key) is not int or type(value) is int)),
                 f"task option {key}={json.dumps(value)}: {name} takes an integer {key}")
 
 
