@@ -138,6 +138,8 @@ CASES = [
     (ROLLOUTS + "--out {W}/r --task-option steps=4-2", "synthetic steps must be between 1 and 25, low before high"),
     (ROLLOUTS + "--out {W}/r --task-option steps=2-x", "synthetic steps must be a number or a range LOW-HIGH"),
     ("demo --workdir {W}/d --chain-steps 2-x", "--chain-steps must be a number or a range LOW-HIGH such as 2-4"),
+    ("demo --workdir {W}/d --systems qthink,nosuch", "--systems: unknown nosuch; choose from sft, codi"),
+    ("demo --workdir {W}/d --fit-steps 0", "--fit-steps must be >= 1 (got 0)"),
     # adaptive latent steps: the store must hold each problem's own step count, in this format
     (TEACHERS + "--out {W}/t --adaptive", "--adaptive teaches each problem its own step count: it needs "
      "--position-scheme steps"),

@@ -325,3 +325,22 @@ def test_adaptive_store_teaches_each_problem_its_own_step_count(tiny_base, tmp_p
         assert not row["uniform"][n:].any() and not row["weighted"][n:].any()
     counts = json.loads((out / "manifest.json").read_text())["counts"]["num_steps"]
     assert counts == {str(n): lengths.count(n) for n in (2, 3, 4)}
+
+
+def test_several_stores_in_one_pass_equal_each_built_alone(tiny_base, hand, tmp_path):
+    """`build_stores` gathers every store's positions from one forward pass per rollout; each store equals
+    the one `build_teachers` builds alone (same rows, counts and manifest but for float rounding)."""
+    from qthink.teachers.extract import StoreSpec, build_stores
+
+    specs = [StoreSpec(tmp_path / "together" / "lin", 4, "linspace"), StoreSpec(tmp_path / "together" / "st", 3, "steps"),
+             StoreSpec(tmp_path / "together" / "ad", 4, "steps", adaptive=True)]
+    together = build_stores(str(tiny_base), hand, specs, dtype="float32", batch_size=4, shard_size=2)
+    for spec, manifest in zip(specs, together, strict=True):
+        alone = teachers(tiny_base, hand, tmp_path / "alone" / spec.out.name, K=spec.K, dtype="float32",
+                         position_scheme=spec.position_scheme, adaptive=spec.adaptive)
+        assert manifest["counts"] == alone["counts"] and manifest["adaptive"] == spec.adaptive
+        a, b = TeacherStore(spec.out), TeacherStore(tmp_path / "alone" / spec.out.name)
+        for i in range(N):
+            x, y = a.row(i), b.row(i)
+            assert (x["num_valid"], x["num_steps"], x["weighted_valid"]) == (y["num_valid"], y["num_steps"], y["weighted_valid"])
+            assert torch.allclose(x["uniform"], y["uniform"], atol=1e-5) and torch.allclose(x["weighted"], y["weighted"], atol=1e-5)

@@ -35,11 +35,12 @@ from qthink.demo.stages import (
     System,
     build_base,
     build_rollouts,
-    build_store,
+    build_stores,
     cost_split,
     evaluate_system,
     fit_jobs,
-    store_name,
+    select_systems,
+    store_of,
 )
 from qthink.errors import UserError, require
 from qthink.tasks.synthetic import parse_steps, steps_label
@@ -47,7 +48,7 @@ from qthink.tasks.synthetic import parse_steps, steps_label
 
 def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, force: bool = False,
              ablation_seeds: list[int] | None = None, workers: int | None = None,
-             settings: DemoSettings | None = None) -> dict:
+             settings: DemoSettings | None = None, systems: list[str] | None = None) -> dict:
     from qthink.parallel import default_workers, quiet_worker
 
     began = time.perf_counter()
@@ -62,11 +63,13 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int =
     stages = Stages(workdir, force, asdict(s))
     stages.run("base", build_base, workdir, s, seed)
     stages.run("rollouts", build_rollouts, workdir, s, seed, workers)
-    stores = {("linspace", s.recipe_K), ("steps", s.steps_K), ("steps-adaptive", s.steps_K)}
-    stages.run_parallel([(store_name(sc, K), build_store, (workdir, sc, K)) for sc, K in sorted(stores)], workers)
-    stages.run_parallel(fit_jobs(workdir, s, seed), workers)
+    chosen = select_systems(systems)
+    stores = sorted({store_of(x, s) for x in chosen if x.variant})
+    stages.run("teachers-" + "+".join(name.removeprefix("teachers-") for name, _, _ in stores), build_stores,
+               workdir, stores, workers)
+    stages.run_parallel(fit_jobs(workdir, s, seed, chosen), workers)
     rows = []
-    for system in SYSTEMS:
+    for system in chosen:
         target, mode = ((workdir / "base", system.name.removeprefix("base-")) if system.variant is None
                         else (workdir / "export" / system.name, "qthink"))
         result = stages.run(f"eval-{system.name}", evaluate_system, workdir, s, system.name, system.label,
@@ -101,6 +104,11 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chain-steps", default=None,
                    help="operations per synthetic chain: a number or a range LOW-HIGH, each problem's length drawn "
                    "from it (default 2-4; 6 makes the seed's K=6 one latent per step)")
+    p.add_argument("--fit-steps", type=int, default=None,
+                   help="optimizer steps per fit (default 1500; longer chains need longer fits to converge)")
+    p.add_argument("--systems", default=None,
+                   help="comma-separated students to fit and evaluate (default all: "
+                   + ", ".join(x.name for x in SYSTEMS if x.variant) + "); the base rows always run")
     p.add_argument("--workers", type=int, default=None,
                    help="processes for independent stages (default: 2, or 1 on a one-core machine)")
     p.add_argument("--ablation-seeds", default=None,
@@ -137,7 +145,12 @@ def cli_main(args) -> None:
     require(args.workers is None or args.workers >= 1, f"--workers must be >= 1 (got {args.workers})")
     require(not (args.study and args.quick), "--study runs at the demo's default sizes; drop --quick")
     settings = demo_settings(args.quick, args.chain_steps)
-    run_demo(args.workdir, args.quick, args.seed, args.force, seeds, args.workers, settings)
+    if args.fit_steps is not None:
+        require(args.fit_steps >= 1, f"--fit-steps must be >= 1 (got {args.fit_steps})")
+        settings = replace(settings, fit_steps=args.fit_steps)
+    systems = [x.strip() for x in args.systems.split(",") if x.strip()] if args.systems else None
+    select_systems(systems)  # an unknown name is one line before anything runs
+    run_demo(args.workdir, args.quick, args.seed, args.force, seeds, args.workers, settings, systems)
     if args.study:
         from qthink.demo.study import run_study
 

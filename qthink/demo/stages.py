@@ -65,6 +65,20 @@ SYSTEMS = [
 ]
 
 
+def select_systems(names: list[str] | None) -> list[System]:
+    """The systems to run, in table order: the named students (all by default) and always the base rows."""
+    students = [x.name for x in SYSTEMS if x.variant]
+    unknown = sorted(set(names or []) - set(students))
+    require(not unknown, f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(students)}")
+    return [x for x in SYSTEMS if x.variant is None or names is None or x.name in names]
+
+
+def store_of(system: System, s: DemoSettings) -> tuple[str, str, int]:
+    """(store folder, position scheme, K) a student reads; SFT reads only the problems (the recipe's store)."""
+    scheme, K = (system.scheme, latent_steps(system, s)) if system.K != 0 else ("linspace", s.recipe_K)
+    return store_name(scheme, K), scheme, K
+
+
 def latent_steps(system: System, s: DemoSettings) -> int:
     return {"recipe": s.recipe_K, "steps": s.steps_K}.get(system.K, system.K)  # type: ignore[arg-type]
 
@@ -136,15 +150,20 @@ def build_rollouts(workdir: Path, s: DemoSettings, seed: int, workers: int) -> d
             "total_problems": parts[0]["total_problems"]}
 
 
-def build_store(workdir: Path, scheme: str, K: int) -> dict:
-    """A teacher store; scheme `steps-adaptive` is `steps` positions with each problem's own step count."""
-    from qthink.teachers.extract import build_teachers
+def build_stores(workdir: Path, stores: list[tuple[str, str, int]], workers: int) -> dict:
+    """Every teacher store the students read, `(folder, scheme, K)`, in one pass over the rollouts (one forward
+    per rollout serves them all) on `workers` ranks; scheme `steps-adaptive` is `steps` positions with each
+    problem's own step count."""
+    from qthink.parallel import run_ranks
+    from qthink.teachers.extract import StoreSpec, build_stores as build
 
-    adaptive = scheme == "steps-adaptive"
-    manifest = build_teachers(str(workdir / "base"), workdir / "rollouts", workdir / store_name(scheme, K), K=K,
-                              dtype="float32", batch_size=64, position_scheme=scheme.removesuffix("-adaptive"),
-                              adaptive=adaptive)
-    return {"counts": manifest.get("counts"), "position_scheme": scheme, "K": K}
+    specs = [StoreSpec(workdir / name, K, scheme.removesuffix("-adaptive"), scheme.endswith("-adaptive"))
+             for name, scheme, K in stores]
+    kwargs = {"base": str(workdir / "base"), "rollouts": workdir / "rollouts", "specs": specs, "dtype": "float32",
+              "batch_size": 64, "device": "cpu"}
+    manifests = run_ranks(build, kwargs, workers)[0]  # rank 0 wrote and returns the manifests
+    return {name: {"counts": m.get("counts"), "position_scheme": scheme, "K": K}
+            for (name, scheme, K), m in zip(stores, manifests, strict=True)}
 
 
 def fit_argv(workdir: Path, s: DemoSettings, variant: str | None, store: str, K: int, seed: int, run_dir: Path,
@@ -229,11 +248,10 @@ def cost_split(workdir: Path, s: DemoSettings, rows: list[dict], repeats: int = 
     return out
 
 
-def fit_jobs(workdir: Path, s: DemoSettings, seed: int) -> list[tuple[str, Any, tuple]]:
+def fit_jobs(workdir: Path, s: DemoSettings, seed: int, systems: list[System] = SYSTEMS) -> list[tuple[str, Any, tuple]]:
     """One job per student of the table, the longest (most latent steps) first."""
     jobs = []
-    for system in sorted((x for x in SYSTEMS if x.variant), key=lambda x: -latent_steps(x, s)):
-        K = latent_steps(system, s)
-        store = store_name(system.scheme, s.recipe_K if system.K == 0 else K)  # SFT reads only the problems
+    for system in sorted((x for x in systems if x.variant), key=lambda x: -latent_steps(x, s)):
+        K, store = latent_steps(system, s), store_of(system, s)[0]
         jobs.append((f"fit-{system.name}", fit_student, (workdir, s, system.name, system.variant, store, K, seed)))
     return jobs

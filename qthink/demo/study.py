@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from qthink.demo.report import spread
-from qthink.demo.stages import DemoSettings, Stages, build_store, evaluate_system, fit_student, store_name
+from qthink.demo.stages import DemoSettings, Stages, build_stores, evaluate_system, fit_student, store_name
 from qthink.errors import require
 from qthink.files import atomic_write_text
 from qthink.tables import markdown_table
@@ -145,7 +145,7 @@ def run_study(workdir: str | Path = "runs/demo", seed: int = 0, workers: int | N
             f"{workdir} holds no finished default `qthink demo`; run it first (the study reuses its base and fits)")
     quiet_worker()
     stores = sorted({(sc, K) for sc in SCHEMES for K in KS})
-    stages.run_parallel([(store_name(sc, K), build_store, (workdir, sc, K)) for sc, K in stores], workers)
+    stages.run("study-teachers", build_stores, workdir, [(store_name(sc, K), sc, K) for sc, K in stores], workers)
     todo = [c for c in cells(s) if c not in from_demo(s)]
     todo.sort(key=lambda c: (-c[1], -c[2]))  # the longest fits first: the two processes end together
     stages.run_parallel([(cell_name(*c), fit_and_eval, (workdir, s, *c)) for c in todo], workers)
@@ -153,7 +153,7 @@ def run_study(workdir: str | Path = "runs/demo", seed: int = 0, workers: int | N
     figure = plot_study(scores, s, workdir / "study.png")
     table = study_table(scores, s)
     wall = time.perf_counter() - began
-    names = [store_name(sc, K) for sc, K in stores] + [cell_name(*c) for c in todo]
+    names = ["study-teachers"] + [cell_name(*c) for c in todo]
     busy = sum(stages.done[n]["seconds"] for n in names if n in stages.done) / 60  # resumed runs count it all
     text = (f"# qthink study: positions x K x problems\n\nHeld-out synthetic problems ({s.eval_problems}), "
             f"{s.fit_steps} fit steps per cell, settings as `qthink demo`; {busy:.0f} min of process time for its "

@@ -23,6 +23,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -156,36 +157,72 @@ def task_step_offsets(task_name: str | None) -> Callable | None:
     return get_task(task_name).step_offsets if task_name in TASKS else None
 
 
-def build_shard(decoder, tokenizer, problems: list[dict], k: int, scheme: str, batch_size: int, device,
-                store_dtype: torch.dtype, task_offsets=None, where: str = "", adaptive: bool = False) -> tuple[dict, dict]:
-    """The shard tensors and counts for `problems` (parsed rollouts lines, in problem-index order); `adaptive`
-    (steps positions): each problem taught its own step count, at most K (`adaptive_positions`)."""
+@dataclass(frozen=True)
+class StoreSpec:
+    """One teacher store to build: its folder, K, position scheme and whether each problem is taught its own
+    step count (`adaptive`, steps positions)."""
+
+    out: Path
+    K: int = 6
+    position_scheme: str = "linspace"
+    adaptive: bool = False
+
+
+def place(problem: dict, prompt: list[int], spec: StoreSpec, specials: tuple[int, int, int], tokenizer,
+          task_offsets=None) -> tuple[int, list[tuple[str, list[int], list[int]]]]:
+    """(latent steps taught, per rollout (status, ids, K positions)) of one problem in one store."""
+    if spec.adaptive:
+        return adaptive_positions(prompt, problem["rollouts"], specials, spec.K, tokenizer, task_offsets)
+    return spec.K, [rollout_positions(prompt, r["token_ids"], specials, spec.position_scheme, spec.K, tokenizer,
+                                      task_offsets) for r in problem["rollouts"]]
+
+
+def build_shards(decoder, tokenizer, problems: list[dict], specs: list[StoreSpec], batch_size: int, device,
+                 store_dtype: torch.dtype, task_offsets=None, where: str = "") -> list[tuple[dict, dict]]:
+    """The shard tensors and counts of each store in `specs` for `problems` (parsed rollouts lines, in
+    problem-index order), from ONE forward pass per rollout: the stores differ only in the positions they
+    gather, so several are built for the price of one."""
     specials = special_ids(tokenizer)
     vocab = decoder.get_input_embeddings().num_embeddings
     prompts = encode_prompts(tokenizer, [p["question"] for p in problems], enable_thinking=True)
-    counts = dict.fromkeys(COUNT_KEYS, 0)
-    seqs, positions, owner, num_steps = [], [], [], []
+    counts = [dict.fromkeys(COUNT_KEYS, 0) for _ in specs]
+    seqs, positions, owner = [], [], []
+    num_steps: list[list[int]] = [[] for _ in specs]
     for slot, (problem, prompt) in enumerate(zip(problems, prompts, strict=True)):
         for j, r in enumerate(problem["rollouts"]):
             require(all(0 <= t < vocab for t in r["token_ids"]), f"{where}: problem {problem['problem_index']} "
                     f"rollout {j} has token ids outside the model's vocabulary of {vocab}; were the rollouts made "
                     "with another tokenizer?")
-        if adaptive:
-            n, placed = adaptive_positions(prompt, problem["rollouts"], specials, k, tokenizer, task_offsets)
-        else:
-            n, placed = k, [rollout_positions(prompt, r["token_ids"], specials, scheme, k, tokenizer, task_offsets)
-                            for r in problem["rollouts"]]
-        num_steps.append(n)
-        for r, (status, ids, pos) in zip(problem["rollouts"], placed, strict=True):
-            counts["rollouts"] += 1
+        placed = []
+        for i, spec in enumerate(specs):
+            n, per_rollout = place(problem, prompt, spec, specials, tokenizer, task_offsets)
+            num_steps[i].append(n)
+            placed.append(per_rollout)
+        for j, r in enumerate(problem["rollouts"]):
+            status, ids, _ = placed[0][j]  # whether a think block is valid does not depend on the store
+            for c in counts:
+                c["rollouts"] += 1
+                if status != "valid":
+                    c[f"excluded_{status}"] += 1
             if status != "valid":
-                counts[f"excluded_{status}"] += 1
                 continue
+            pos = [p for per_rollout in placed for p in per_rollout[j][2]]  # every store's positions, in order
             seqs.append(ids[: max(pos) + 1])  # nothing after the last position can change it (causal)
             positions.append(pos)
             owner.append((slot, float(r["reward"])))
     states = extract_states(decoder, seqs, positions, tokenizer.pad_token_id, batch_size, device)
-    hidden = decoder.config.hidden_size
+    out, first = [], 0
+    for i, spec in enumerate(specs):
+        own = [s[first : first + spec.K] for s in states]
+        first += spec.K
+        out.append(aggregate_shard(problems, owner, own, num_steps[i], spec.K, decoder.config.hidden_size,
+                                   store_dtype, counts[i]))
+    return out
+
+
+def aggregate_shard(problems: list[dict], owner: list[tuple[int, float]], states: list[Tensor], num_steps: list[int],
+                    k: int, hidden: int, store_dtype: torch.dtype, counts: dict) -> tuple[dict, dict]:
+    """Per problem, the uniform and reward-weighted means of its valid rollouts' states, as shard tensors."""
     per_problem: list[list[tuple[Tensor, float]]] = [[] for _ in problems]
     for (slot, reward), s in zip(owner, states, strict=True):
         per_problem[slot].append((s, reward))
@@ -214,6 +251,13 @@ def build_shard(decoder, tokenizer, problems: list[dict], k: int, scheme: str, b
     return tensors, {**counts, "problems_without_valid": without}
 
 
+def build_shard(decoder, tokenizer, problems: list[dict], k: int, scheme: str, batch_size: int, device,
+                store_dtype: torch.dtype, task_offsets=None, where: str = "", adaptive: bool = False) -> tuple[dict, dict]:
+    """One store's shard (`build_shards` with one store)."""
+    spec = StoreSpec(Path(), k, scheme, adaptive)
+    return build_shards(decoder, tokenizer, problems, [spec], batch_size, device, store_dtype, task_offsets, where)[0]
+
+
 # ---- resumable, multi-process store building ----
 
 REBUILD = "delete it to rebuild"
@@ -240,57 +284,78 @@ def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6,
     """Build (or finish) the teacher store `out` from the rollouts directory `rollouts`; returns the
     manifest. `on_shard(entry)` is called after each shard is on disk. `adaptive`: each problem is taught
     its own number of steps (at most K), for a student that decides how long to think."""
-    require(K >= 1, f"-K must be >= 1 (got {K})")
-    require(not adaptive or position_scheme == "steps", "--adaptive teaches each problem its own step count: "
-            "it needs --position-scheme steps")
+    return build_stores(base, rollouts, [StoreSpec(Path(out), K, position_scheme, adaptive)], dtype, batch_size,
+                        shard_size, model_dtype, device, on_shard, trust_remote_code)[0]
+
+
+def build_stores(base: str, rollouts: str | Path, specs: list[StoreSpec], dtype: str = "bfloat16",
+                 batch_size: int = 16, shard_size: int = 256, model_dtype: str = "auto", device: str | None = None,
+                 on_shard: Callable[[dict], None] | None = None, trust_remote_code: bool = False) -> list[dict]:
+    """Build (or finish) several teacher stores from the same rollouts in one pass (one forward per rollout
+    serves them all); each is resumable on its own. Returns their manifests."""
+    for spec in specs:
+        require(spec.K >= 1, f"-K must be >= 1 (got {spec.K})")
+        require(not spec.adaptive or spec.position_scheme == "steps", "--adaptive teaches each problem its own step "
+                "count: it needs --position-scheme steps")
+        require(spec.position_scheme in SCHEMES,
+                f"--position-scheme {spec.position_scheme!r}: use one of {', '.join(SCHEMES)}")
+    require(len({Path(spec.out).absolute() for spec in specs}) == len(specs), "two stores share one --out folder")
     require(dtype in STORE_DTYPES, f"--dtype {dtype!r}: use one of {', '.join(STORE_DTYPES)}")
-    require(position_scheme in SCHEMES, f"--position-scheme {position_scheme!r}: use one of {', '.join(SCHEMES)}")
     require(batch_size >= 1 and shard_size >= 1, "--batch-size and --shard-size must be >= 1")
     check_model_ref(base)
-    out = writable_dir(out, "--out")
+    outs = [writable_dir(spec.out, "--out") for spec in specs]
     ranks, dev = distributed.setup(device)
     rollouts = Path(rollouts)
     rmanifest, entries = read_rollouts(rollouts)
     require(len(entries) > 0, f"{rollouts / ROLLOUTS} holds no problems")
-    settings = {"base_model": local_ref(base), "rollouts": local_ref(rollouts), "rollouts_sha256": sha256_file(rollouts / ROLLOUTS),
-                "K": K, "position_scheme": position_scheme, "dtype": dtype, "model_dtype": model_dtype,
-                "shard_size": shard_size, "hidden_state": HIDDEN_STATE, "adaptive": adaptive}
+    common = {"base_model": local_ref(base), "rollouts": local_ref(rollouts),
+              "rollouts_sha256": sha256_file(rollouts / ROLLOUTS)}
+    settings = [{**common, "K": spec.K, "position_scheme": spec.position_scheme, "dtype": dtype,
+                 "model_dtype": model_dtype, "shard_size": shard_size, "hidden_state": HIDDEN_STATE,
+                 "adaptive": spec.adaptive} for spec in specs]
     if rmanifest.get("base_model") not in (None, str(base), local_ref(base)) and ranks.is_main:
         print(f"warning: rollouts were sampled from {rmanifest['base_model']}, extracting with {base}")
     if ranks.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if (out / MANIFEST).is_file():
-            require_same_settings(out / MANIFEST, read_json(out / MANIFEST, REBUILD), settings, "store")
+        for out, setting in zip(outs, settings, strict=True):
+            out.mkdir(parents=True, exist_ok=True)
+            if (out / MANIFEST).is_file():
+                require_same_settings(out / MANIFEST, read_json(out / MANIFEST, REBUILD), setting, "store")
     distributed.barrier()
-    done = finished_shards(out, settings)
+    done = [finished_shards(out, setting) for out, setting in zip(outs, settings, strict=True)]
     n_shards = (len(entries) + shard_size - 1) // shard_size
-    mine = [s for s in ranks.units(n_shards) if shard_name(s) not in done]
-    own_progress, own = out / f"progress-rank{ranks.rank}.json", list(done.values())  # keeps what it rewrites
+    mine = [s for s in ranks.units(n_shards) if any(shard_name(s) not in d for d in done)]
+    own = [list(d.values()) for d in done]  # each store's progress keeps what it rewrites
     if mine:
         model, tokenizer = load_base(base, parse_dtype(model_dtype), trust_remote_code)
         decoder = model_parts(model.to(dev))[0]
-        offsets = task_step_offsets(rmanifest.get("task")) if position_scheme == "steps" else None
+        steps = any(spec.position_scheme == "steps" for spec in specs)
+        offsets = task_step_offsets(rmanifest.get("task")) if steps else None
         path = rollouts / ROLLOUTS
         for s in mine:
+            todo = [i for i, d in enumerate(done) if shard_name(s) not in d]
             chunk = entries[s * shard_size : (s + 1) * shard_size]
             problems = [parse_line(path, 0, read_line(path, off, n)) for _, off, n in chunk]
-            tensors, counts = build_shard(decoder, tokenizer, problems, K, position_scheme, batch_size, dev,
-                                          STORE_DTYPES[dtype], offsets, str(path), adaptive)
-            entry = {**write_shard(out, s, tensors), "counts": counts}
-            own.append(entry)
-            atomic_write_text(own_progress, json.dumps({"settings": settings, "shards": own}) + "\n")
+            built = build_shards(decoder, tokenizer, problems, [specs[i] for i in todo], batch_size, dev,
+                                 STORE_DTYPES[dtype], offsets, str(path))
+            for i, (tensors, counts) in zip(todo, built, strict=True):
+                entry = {**write_shard(outs[i], s, tensors), "counts": counts}
+                own[i].append(entry)
+                atomic_write_text(outs[i] / f"progress-rank{ranks.rank}.json",
+                                  json.dumps({"settings": settings[i], "shards": own[i]}) + "\n")
+                if on_shard is not None:
+                    on_shard(entry)
             if ranks.is_main:
+                counts = built[0][1]
                 print(f"shard {s + 1}/{n_shards}: {counts['problems']} problems, {counts['valid']}/{counts['rollouts']} "
-                      "valid rollouts", flush=True)
-            if on_shard is not None:
-                on_shard(entry)
+                      f"valid rollouts" + (f", {len(todo)} stores" if len(todo) > 1 else ""), flush=True)
         del model, decoder
     distributed.barrier()
-    manifest = {}
+    manifests = []
     if ranks.is_main:
-        manifest = finish_store(out, settings, rmanifest, n_shards, hidden_size_of(base, trust_remote_code))
+        hidden = hidden_size_of(base, trust_remote_code)
+        manifests = [finish_store(out, setting, rmanifest, n_shards, hidden) for out, setting in zip(outs, settings, strict=True)]
     distributed.barrier()
-    return manifest if ranks.is_main else read_json(out / MANIFEST, REBUILD)
+    return manifests if ranks.is_main else [read_json(out / MANIFEST, REBUILD) for out in outs]
 
 
 def finish_store(out: Path, settings: dict, rmanifest: dict, n_shards: int, hidden: int) -> dict:
