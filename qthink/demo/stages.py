@@ -155,7 +155,8 @@ def build_stores(workdir: Path, stores: list[tuple[str, str, int]], workers: int
     per rollout serves them all) on `workers` ranks; scheme `steps-adaptive` is `steps` positions with each
     problem's own step count."""
     from qthink.parallel import run_ranks
-    from qthink.teachers.extract import StoreSpec, build_stores as build
+    from qthink.teachers.extract import StoreSpec
+    from qthink.teachers.extract import build_stores as build
 
     specs = [StoreSpec(workdir / name, K, scheme.removesuffix("-adaptive"), scheme.endswith("-adaptive"))
              for name, scheme, K in stores]
