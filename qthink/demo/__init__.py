@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -61,7 +62,9 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int =
     quiet_worker()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     stages = Stages(workdir, force, asdict(s))
-    stages.run("base", build_base, workdir, s, seed)
+    # the base trains alone: on two threads where there are two cores, whatever --workers says, so the same
+    # seed gives the same base (and rollouts) with one worker or two
+    stages.run("base", build_base, workdir, s, seed, min(2, os.cpu_count() or 1))
     stages.run("rollouts", build_rollouts, workdir, s, seed, workers)
     chosen = select_systems(systems)
     stores = sorted({store_of(x, s) for x in chosen if x.variant})
