@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qthink.demo import SYSTEMS, run_demo
+from qthink.demo.stages import select_systems
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,13 +32,15 @@ def quick_run(tmp_path_factory) -> tuple[Path, dict]:
 def test_quick_demo_writes_the_full_table_report_and_plots(quick_run):
     workdir, result = quick_run
     rows = table_without_seconds(result["table"])
-    assert len(rows) == 2 + len(SYSTEMS)  # header, separator, one row per system
+    shown = select_systems(None)  # the default rows; CODI and RW per-step only with --systems
+    assert len(rows) == 2 + len(shown)  # header, separator, one row per system
     labels = [r[0] for r in rows[2:]]
-    assert labels == [system.label for system in SYSTEMS]
+    assert labels == [system.label for system in shown] and "CODI (RW final-step)" not in labels
     for row in rows[2:]:
         assert re.fullmatch(r"\d+\.\d%", row[3]), row
     latent_steps = {r[0]: r[2] for r in rows[2:]}
-    assert latent_steps["QThink, steps positions, fixed K"] == "4" and latent_steps["CODI (RW final-step)"] == "6"
+    assert latent_steps["QThink, steps positions, fixed K"] == "4"
+    assert latent_steps["QThink (seed: uniform per-step, linspace)"] == "6"
     assert re.fullmatch(r"4|\d\.\d\d \(≤ 4\)", latent_steps["QThink, steps positions, adaptive K"])
     report = (workdir / "report.md").read_text()
     assert "## Cost side" in report and "## By chain length" in report
@@ -45,11 +48,11 @@ def test_quick_demo_writes_the_full_table_report_and_plots(quick_run):
     assert result["table"] in report
     assert (workdir / "training_curves.png").stat().st_size > 10_000
     assert (workdir / "accuracy_vs_cost.png").stat().st_size > 10_000
-    for system in SYSTEMS:  # every system was evaluated and wrote its predictions
+    for system in shown:  # every system was evaluated and wrote its predictions
         summary = json.loads((workdir / "eval" / system.name / "summary.json").read_text())
         assert summary["problems"] == 48
     # the students are real seed-format checkpoints
-    for name in ("sft", "codi", "rw-per-step", "qthink", "qthink-steps", "qthink-adaptive"):
+    for name in ("sft", "qthink", "qthink-steps", "qthink-adaptive"):
         assert (workdir / "export" / name / "projection_head.pt").is_file()
     # the adaptive student: its halting head is exported, and it chose each problem's latent steps (1 to 4)
     assert (workdir / "export" / "qthink-adaptive" / "halting_head.safetensors").is_file()
@@ -67,6 +70,14 @@ def test_demo_rerun_skips_finished_stages_and_gives_the_same_table(quick_run, ca
     out = capsys.readouterr().out
     assert "base: done already" in out and "fit-qthink: done already" in out
     assert again["table"] == first["table"]
+
+
+def test_demo_systems_all_adds_the_seed_tables_other_baselines(quick_run):
+    workdir, first = quick_run
+    every = run_demo(workdir, quick=True, seed=0, systems=["all"])  # the default rows resume; two more fit
+    labels = [r[0] for r in table_without_seconds(every["table"])[2:]]
+    assert labels == [system.label for system in SYSTEMS]
+    assert (workdir / "export" / "codi" / "projection_head.pt").is_file()
 
 
 def test_demo_is_deterministic_for_a_seed_in_one_process_or_two(quick_run, tmp_path):

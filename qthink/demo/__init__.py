@@ -85,7 +85,7 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int =
     if ablation_seeds:
         from qthink.demo.study import seed_ablation
 
-        ablation = seed_ablation(workdir, s, stages, ablation_seeds, seed, workers)
+        ablation = seed_ablation(workdir, s, stages, ablation_seeds, seed, workers, [x.name for x in chosen])
     table = results_table(rows)
     per_length = by_length_table(rows)
     report = write_report(workdir, table, rows, cost, asdict(s), stages.done, quick, seed, ablation,
@@ -110,8 +110,9 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit-steps", type=int, default=None,
                    help="optimizer steps per fit (default 1500; longer chains need longer fits to converge)")
     p.add_argument("--systems", default=None,
-                   help="comma-separated students to fit and evaluate (default all: "
-                   + ", ".join(x.name for x in SYSTEMS if x.variant) + "); the base rows always run")
+                   help="comma-separated students to fit and evaluate, or all (default: "
+                   + ", ".join(x.name for x in SYSTEMS if x.variant and x.default) + "; also: "
+                   + ", ".join(x.name for x in SYSTEMS if x.variant and not x.default) + "); the base rows always run")
     p.add_argument("--workers", type=int, default=None,
                    help="processes for independent stages (default: 2, or 1 on a one-core machine)")
     p.add_argument("--ablation-seeds", default=None,

@@ -59,14 +59,16 @@ def fit_and_eval(workdir: Path, s: DemoSettings, scheme: str, K: int, problems: 
 
 
 def seed_ablation(workdir: Path, s: DemoSettings, stages: Stages, seeds: list[int], run_seed: int,
-                  workers: int) -> str:
-    """The demo's latent rows (and SFT) refitted per seed on the same base, rollouts and stores."""
+                  workers: int, names: list[str] | None = None) -> str:
+    """The demo's latent rows (and SFT) refitted per seed on the same base, rollouts and stores (those among
+    `names`, the demo systems of this run, where given)."""
     systems = (("sft", 0, "SFT"), ("linspace", s.recipe_K, "QThink, linspace (seed's)"),
                ("steps", s.steps_K, "QThink, steps, fixed K"), ("steps-adaptive", s.steps_K, "QThink, steps, adaptive K"))
+    demo_fit = {"sft": "sft", "linspace": "qthink", "steps": "qthink-steps", "steps-adaptive": "qthink-adaptive"}
+    systems = tuple(x for x in systems if names is None or demo_fit[x[0]] in names)
     jobs = [(cell_name(sc, K, s.train_problems, seed), fit_and_eval, (workdir, s, sc, K, s.train_problems, seed))
             for sc, K, _ in systems for seed in seeds if seed != run_seed]
     stages.run_parallel(jobs, workers)
-    demo_fit = {"sft": "sft", "linspace": "qthink", "steps": "qthink-steps", "steps-adaptive": "qthink-adaptive"}
     rows = []
     for sc, K, label in systems:
         scores = [stages.done[f"eval-{demo_fit[sc]}"]["result"]["metrics"]["exact_match"] if seed == run_seed else
