@@ -135,7 +135,7 @@ def prediction(task: Task, record: dict, question: str, result: dict, seconds: f
     think, _, closed = split_think(text)
     scores = grade_output(task, text, record, grade_unclosed)
     return {"problem_id": task.problem_id(record), "prompt": question, "reference": task.reference(record),
-            "output": text, "tokens": len(result["token_ids"]), "latent_steps": result["latent_steps"],
+            "output": text, "tokens": len(result["token_ids"]), "latent_steps": result.get("latent_steps", 0),
             "chain_length": task.chain_length(record), "correct": scores[task.metrics[0]] == 1.0,
             **{m: float(scores[m]) for m in task.metrics}, "seconds": seconds, "finished": result["finished"],
             "unclosed_think": think is not None and not closed}

@@ -156,3 +156,30 @@ def test_pipeline_end_to_end_on_the_real_tokenizer(qwen3_base, tmp_path):
     summary = json.loads(next((tmp_path / "eval").glob("*/summary.json")).read_text())
     assert summary["problems"] == 3 and summary["K"] == 3
     assert main(["generate", str(tmp_path / "export"), "-q", "a=3 b=a+4 c=b*2 d=c+5 d?", "--max-new-tokens", "4"]) == 0
+
+
+def test_adaptive_store_counts_natural_steps_on_the_real_tokenizer(qwen3_base, tmp_path):
+    """Free-text chains of thought (the general step rule: the state before each value after `=`, each line's
+    end) teach each problem its own number of latent steps: 4, 3 and 2 here, capped at K_max."""
+    from transformers import AutoTokenizer
+
+    from qthink.teachers.extract import build_teachers
+    from qthink.teachers.rollouts import problem_line, reference_rollout
+    from qthink.teachers.store import TeacherStore
+
+    tok = AutoTokenizer.from_pretrained(qwen3_base)
+    thinks = ["Okay, 48 / 2 = 24 clips in May.\nSo 48 + 24 = 72 in total.",  # " "24, May, " "72, total: 4
+              "The user wants an axolotl picture.\nAction: getRandomAxolotlImage\nAction Input: {}",  # 3 lines
+              "So 2 + 3 = 5."]  # " "5 and the line's end: 2
+    rollouts = tmp_path / "rollouts"
+    rollouts.mkdir()
+    lines = [problem_line(i, f"p-{i}", f"question {i}?", [{**reference_rollout(tok, t, "5"), "reward": 1.0}] * 2)
+             for i, t in enumerate(thinks)]
+    (rollouts / "rollouts.jsonl").write_text("\n".join(lines) + "\n")
+    (rollouts / "manifest.json").write_text(json.dumps({"base_model": str(qwen3_base), "task": "gsm8k", "G": 2}))
+    for k_max, expected in ((6, [4, 3, 2]), (3, [3, 3, 2])):
+        out = tmp_path / f"adaptive-k{k_max}"
+        build_teachers(str(qwen3_base), rollouts, out, K=k_max, dtype="float32", position_scheme="steps", adaptive=True)
+        store = TeacherStore(out)
+        assert [store.row(i)["num_steps"] for i in range(3)] == expected
+        assert all(not store.row(i)["uniform"][n:].any() for i, n in enumerate(expected))
