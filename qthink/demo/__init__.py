@@ -1,22 +1,23 @@
 """`qthink demo`: the whole method end to end on the embedded tiny Qwen3 and the synthetic task, on CPU.
 
-    qthink demo [--workdir runs/demo] [--quick] [--seed S] [--force] [--workers 2] [--ablation-seeds 0,1,2]
+    qthink demo [--workdir runs/demo] [--quick] [--seed S] [--force] [--workers 2] [--chain-steps 2-4]
+                [--fit-steps 1500] [--systems sft,qthink,...|all] [--ablation-seeds 0,1,2]
     qthink demo --study          # then the positions x K x problems study (`qthink.demo.study`)
 
 Stages (each resumable: a finished stage is recorded in `<workdir>/stages.json` and skipped on rerun;
 `--force` redoes everything; `qthink.demo.stages`):
-1. `base`: `qthink tiny-base`, then a short supervised stage teaching it to think on synthetic chains
-   (`qthink.demo.thinking_base`), so it is "a base model that thinks" (both chat modes).
+1. `base`: `qthink tiny-base`, then a short supervised stage teaching it to think on synthetic chains of
+   varying length (`qthink.demo.thinking_base`), so it is "a base model that thinks" (both chat modes).
 2. `rollouts`: G sampled chain-of-thought rollouts per training problem (`qthink rollouts`, split over
    the worker processes as `torchrun` would), hot enough that some are wrong.
-3. `teachers-*`: the seed's store (K=6, `linspace` positions) and the `steps` store (one position per
-   reasoning step, K = the chain's length), built side by side.
-4. `fit-*`: every row of the seed's table (SFT, CODI, RW per-step, QThink) and QThink on `steps`
-   positions, through `qthink fit` with `configs/tiny/`, two fits at a time; each exported.
-5. `eval-*`: every system and the base (think / no think) on held-out problems (`qthink eval`), one
-   after another in this process so that no fit shares their timings.
+3. `teachers-*`: every store the chosen students read (the seed's K=6 `linspace`; `steps` with K fixed at
+   the longest chain; the adaptive `steps` store with each problem's own step count), in one pass.
+4. `fit-*`: SFT, the seed's row, the fixed-K and the adaptive `steps` students (CODI and RW per-step with
+   `--systems all`), through `qthink fit` with `configs/tiny/`, two fits at a time; each exported.
+5. `eval-*`: every system and the base (think / no think) on held-out problems (`qthink eval`, scored per
+   chain length), one after another in this process so that no fit shares their timings.
 6. `cost`: where the time of the best latent student and of the thinking base goes.
-7. `report.md` with the table, the cost side and plots (`qthink.demo.report`); the table is printed.
+7. `report.md` with both tables, the cost side and plots (`qthink.demo.report`); the tables are printed.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int =
 
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="runs/demo", help="where every stage writes (resumable)")
-    p.add_argument("--quick", action="store_true", help="toy sizes: the same pipeline end to end in about 2 minutes")
+    p.add_argument("--quick", action="store_true", help="toy sizes: the same pipeline end to end in about 3-5 minutes")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--chain-steps", default=None,
@@ -116,9 +117,10 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="processes for independent stages (default: 2, or 1 on a one-core machine)")
     p.add_argument("--ablation-seeds", default=None,
-                   help="comma-separated seeds: refit the QThink rows per seed, report mean and spread")
+                   help="comma-separated seeds: refit the chosen students (--systems) per seed, report mean and spread")
     p.add_argument("--study", action="store_true",
-                   help="after the demo, the positions x K x problems study (qthink.demo.study; about an hour)")
+                   help="after the demo, the positions x K x problems study (qthink.demo.study; hours at the default "
+                   "budget)")
 
 
 def parse_seeds(text: str | None, flag: str) -> list[int] | None:
