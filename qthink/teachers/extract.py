@@ -251,13 +251,6 @@ def aggregate_shard(problems: list[dict], owner: list[tuple[int, float]], states
     return tensors, {**counts, "problems_without_valid": without}
 
 
-def build_shard(decoder, tokenizer, problems: list[dict], k: int, scheme: str, batch_size: int, device,
-                store_dtype: torch.dtype, task_offsets=None, where: str = "", adaptive: bool = False) -> tuple[dict, dict]:
-    """One store's shard (`build_shards` with one store)."""
-    spec = StoreSpec(Path(), k, scheme, adaptive)
-    return build_shards(decoder, tokenizer, problems, [spec], batch_size, device, store_dtype, task_offsets, where)[0]
-
-
 # ---- resumable, multi-process store building ----
 
 REBUILD = "delete it to rebuild"

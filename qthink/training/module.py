@@ -95,8 +95,13 @@ def l1_per_step(latents: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
     Steps are 0 where no row of the batch has a valid teacher (those rows train on CE alone).
     """
     per_row = (latents.float() - targets.float()).abs().mean(-1)  # [B, K]
-    weight = (valid[:, None] if valid.dim() == 1 else valid).to(per_row.dtype).expand_as(per_row)
+    weight = step_weights(valid, per_row.shape)
     return (per_row * weight).sum(0) / weight.sum(0).clamp(min=1.0)
+
+
+def step_weights(valid: Tensor, shape: torch.Size) -> Tensor:
+    """[B, K] float32 weights from `valid`: [B] (a row's teacher counts at every step) or [B, K] (per step)."""
+    return (valid[:, None] if valid.dim() == 1 else valid).float().expand(shape)
 
 
 def step_mask(num_steps: Tensor, k: int) -> Tensor:
@@ -260,9 +265,8 @@ class QThinkModule(L.LightningModule):
     def training_info(self) -> dict[str, Any]:
         """How this model is trained, for qthink.json."""
         return {"base_model": self.base_model, "latent_steps": self.latent_steps, "adaptive": self.adaptive,
-                "distill": self.distill,
-                "teacher": self.teacher, "gamma": self.gamma, "lora": asdict(self.lora), "lr": self.lr,
-                "seed": self.seed}
+                "distill": self.distill, "teacher": self.teacher, "gamma": self.gamma, "lora": asdict(self.lora),
+                "lr": self.lr, "seed": self.seed}
 
     # ---- training ----
 
@@ -281,23 +285,21 @@ class QThinkModule(L.LightningModule):
                     "use a teacher store built with the same K")
         if has_teacher:
             targets, valid = teacher_targets(batch, self.teacher)
-            taken = state.latents.shape[1]  # adaptive: the batch's longest row, at most K
-            targets = targets[:, :taken]
+            targets = targets[:, : state.latents.shape[1]]  # adaptive: the batch's longest row, at most K
             if self.adaptive:
-                valid = valid[:, None] & step_mask(batch["num_steps"], taken)
+                valid = valid[:, None] & step_mask(batch["num_steps"], targets.shape[1])
             l1 = l1_per_step(state.latents, targets, valid)
             out["distill"] = distill_term(l1, self.distill)
             out.update(self._diagnostics(state.latents.detach().float(), targets.float(), valid, l1.detach()))
         out["loss"] = ce + self.gamma * out["distill"]
         if self.adaptive:
-            logits = self.halting_head(state.latents)
-            out["halt"] = halting_loss(logits, batch["num_steps"], batch["num_valid"] > 0)
+            out["halt"] = halting_loss(self.halting_head(state.latents), batch["num_steps"], batch["num_valid"] > 0)
             out["loss"] = out["loss"] + self.halt_weight * out["halt"]
         return out
 
     @staticmethod
     def _diagnostics(latents: Tensor, targets: Tensor, valid: Tensor, l1: Tensor) -> dict[str, Tensor]:
-        weight = (valid[:, None] if valid.dim() == 1 else valid).float().expand(latents.shape[:2])
+        weight = step_weights(valid, latents.shape[:2])
         n = weight.sum(0).clamp(min=1.0)
         cos = (F.cosine_similarity(latents, targets, dim=-1) * weight).sum(0) / n
         norm_t = (targets.norm(dim=-1) * weight).sum(0) / n
