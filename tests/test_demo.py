@@ -109,3 +109,28 @@ def test_demo_cli_rejects_bad_ablation_seeds(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--ablation-seeds" in proc.stderr
+
+
+@pytest.mark.parametrize("patience", [0, 2])
+def test_demo_fits_stop_early_at_100_percent_or_a_plateau_on_validation(tmp_path, capsys, patience):
+    """The demo's budgets are chosen on validation: each fit carries Lightning's EarlyStopping on validation exact
+    match (stop at 100%, or after `patience` checks without a gain); patience 0 trains to max_steps."""
+    import yaml
+
+    from qthink.demo.stages import DemoSettings, fit_argv
+    from qthink.training.lightning_cli import run_lightning_cli
+
+    s = DemoSettings(patience=patience)
+    argv = fit_argv(tmp_path, s, "adaptive.yaml", "teachers-steps-adaptive-k4", 4, 0, tmp_path / "run")
+    with pytest.raises(SystemExit) as stopped:
+        run_lightning_cli([*argv, "--print_config"])
+    assert stopped.value.code in (0, None)
+    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    early = [c["init_args"] for c in callbacks if c["class_path"].endswith("EarlyStopping")]
+    if patience == 0:
+        assert early == []
+    else:
+        assert len(early) == 1
+        assert (early[0]["monitor"], early[0]["mode"], early[0]["patience"], early[0]["stopping_threshold"]) == \
+            ("val/exact_match", "max", 2, 1.0)
+    assert any(c["class_path"].endswith("ModelCheckpoint") for c in callbacks)  # appended, not replacing the config's

@@ -178,11 +178,15 @@ def write_report(workdir: Path, table: str, rows: list[dict], cost: dict, settin
     lines += cost_section(cost)
     if ablation:
         lines += ["## Over seeds", "", ablation, ""]
-    lines += ["## Validation during training (exact match on 64 held-out problems)", ""]
+    lines += ["## Validation during training (exact match on 64 held-out problems)", "",
+              f"A fit stops early when validation reaches 100% or has not improved for {settings.get('patience', 0)} "
+              "checks (0: never); its last checkpoint is the one evaluated.", ""]
     for r in rows:
         curve = (r.get("fit") or {}).get("val_exact_match")
         if curve:
-            lines.append(f"- {r['label']}: " + ", ".join(f"step {s + 1}: {100 * v:.0f}%" for s, v in curve))
+            stopped = curve[-1][0] + 1 < settings["fit_steps"]
+            lines.append(f"- {r['label']}: " + ", ".join(f"step {s + 1}: {100 * v:.0f}%" for s, v in curve)
+                         + (f" (stopped early at step {curve[-1][0] + 1} of {settings['fit_steps']})" if stopped else ""))
         taken = (r.get("fit") or {}).get("val_latent_steps")
         if taken:
             lines.append("  - mean latent steps chosen: " + ", ".join(f"step {s + 1}: {v:.2f}" for s, v in taken))

@@ -33,6 +33,7 @@ class DemoSettings:
     eval_problems: int = 300  # held-out synthetic test problems (disjoint from training by construction)
     max_new_tokens: int = 50  # generation budget (a thinking answer is about 8 tokens per step + 5; 4 steps: ~37)
     val_every: int = 250  # validation (64 held-out problems) every this many steps
+    patience: int = 2  # a fit stops early at 100% on validation, or after this many checks without a gain (0: never)
 
     @property
     def steps_K(self) -> int:
@@ -158,7 +159,7 @@ def build_rollouts(workdir: Path, s: DemoSettings, seed: int, workers: int) -> d
 
     kwargs = {"base": str(workdir / "base"), "task": "synthetic", "out": workdir / "rollouts", "G": s.G,
               "temperature": s.temperature, "top_p": 1.0, "top_k": 0, "max_new_tokens": s.max_new_tokens,
-              "batch_size": 16, "seed": seed, "limit": s.train_problems, "dtype": "float32", "device": "cpu",
+              "batch_size": 64, "seed": seed, "limit": s.train_problems, "dtype": "float32", "device": "cpu",
               "task_options": {"steps": s.chain_steps}}
     parts = run_ranks(run_rollouts, kwargs, workers)  # each rank's counts; rank 0 merged the file
     return {**{k: sum(p[k] for p in parts) for k in ("problems", "rollouts", "correct", "finished", "closed_think")},
@@ -195,6 +196,10 @@ def fit_argv(workdir: Path, s: DemoSettings, variant: str | None, store: str, K:
              "--trainer.val_check_interval", str(min(s.val_every, s.fit_steps)),
              "--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed),
              "--trainer.enable_model_summary", "false"]
+    if s.patience:  # the budget chosen on validation: stop a row that is perfect or has plateaued
+        argv += ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping",
+                 "--trainer.callbacks.monitor", "val/exact_match", "--trainer.callbacks.mode", "max",
+                 "--trainer.callbacks.patience", str(s.patience), "--trainer.callbacks.stopping_threshold", "1.0"]
     if train_limit is not None:
         argv += ["--data.train_limit", str(train_limit)]
     if (run_dir / "checkpoints" / "last.ckpt").exists():
