@@ -35,7 +35,10 @@ _held: dict[Path, Output] = {}  # lock file -> the claim this process holds (cla
 
 
 def _names(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir()} - set(OURS) if folder.is_dir() else set()
+    """The folder's content: everything but the lock and the marker (and the marker's temporary name, seen
+    while a holder is writing it)."""
+    return {p.name for p in folder.iterdir() if p.name not in OURS and not p.name.startswith(f".{MARKER}.")} \
+        if folder.is_dir() else set()
 
 
 def _only(names: set[str], patterns: tuple[str, ...]) -> bool:
