@@ -28,7 +28,8 @@ from qthink.core.device import parse_dtype
 from qthink.core.model import HEAD_PT, HEAD_ST, QThink
 from qthink.core.sequences import output_text
 from qthink.errors import require
-from qthink.files import atomic_write_text, writable_dir
+from qthink.files import atomic_write_text
+from qthink.ownership import Output, claim, plain_name
 from qthink.tables import markdown_table
 from qthink.tasks import (
     Task,
@@ -84,7 +85,8 @@ def resolve_targets(specs: Sequence[str], modes: Sequence[str] = (), names: Sequ
         require(flag is None or flag in MODES, f"unknown mode {flag!r}; use one of {', '.join(MODES)}")
         require(mode is None or flag is None or mode == flag, f"{spec}: mode :{mode} contradicts --mode {flag}")
         mode = mode or flag or default_mode(path)
-        targets.append(Target(path, mode, names[i] if names else default_name(path, mode)))
+        name = plain_name(names[i], "--name") if names else default_name(path, mode)
+        targets.append(Target(path, mode, plain_name(name, f"{spec}: the default --name")))
     labels = [t.name for t in targets]
     require(len(set(labels)) == len(labels), f"two targets share the name {labels}; label them with --name")
     return targets
@@ -204,7 +206,8 @@ def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test",
                 "device": str(qt.device), "decode_mode": decode_mode, "grade_unclosed": grade_unclosed}
     summary = summarize(preds, task, split, spec, k, wall, settings)
     if out is not None:
-        write_run(Path(out) / spec.name, preds, summary)
+        with claim(out, "eval", "--out") as owned:  # already held by `qthink eval` for its whole run
+            write_run(owned.take(spec.name, what="--name")[0], preds, summary)
     return summary
 
 
@@ -275,11 +278,19 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args) -> None:
-    from qthink.core.device import pick_device
 
     targets = resolve_targets(args.targets, args.mode, args.name)
     require_positive({"--batch-size": args.batch_size, "--max-new-tokens": args.max_new_tokens, "--threads": args.threads})
-    writable_dir(args.out, "--out")  # before any generation: a bad --out must not throw a run away
+    with claim(args.out, "eval", "--out") as owned:  # before any generation: a bad --out must not throw a run away
+        owned.take(*[t.name for t in targets], what="--name")
+        if len(targets) > 1:
+            owned.take("comparison.md")
+        run_targets(args, targets, owned)
+
+
+def run_targets(args, targets: list[Target], owned: Output) -> None:
+    from qthink.core.device import pick_device
+
     task = make_task(args.task, parse_task_options(args.task_option))
     records = load_problems(task, args.split, args.data_path, args.limit, print_note)  # bad data fails before any model loads
     device = pick_device(args.device)
@@ -298,4 +309,4 @@ def cli_main(args) -> None:
     table = format_table(summaries)
     print(table)
     if len(summaries) > 1:
-        (Path(args.out) / "comparison.md").write_text(table + "\n")
+        atomic_write_text(owned.folder / "comparison.md", table + "\n")

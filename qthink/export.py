@@ -16,6 +16,7 @@ import torch
 from qthink.core.device import DTYPES, parse_dtype
 from qthink.core.model import QThink, check_checkpoint_dir, config_of
 from qthink.errors import UserError, require
+from qthink.ownership import lock_beside
 from qthink.training.checkpoints import read_checkpoint, trained_hparams
 from qthink.training.module import QThinkModule
 
@@ -38,6 +39,11 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, base: str | None =
 
     `dtype`: `base` (the base model's stored dtype, e.g. bfloat16 for Qwen3-1.7B) or float32/bfloat16/float16.
     """
+    with lock_beside(out, "checkpoint folder"):  # one export into `out` at a time, from the first check to the rename
+        return _export_locked(ckpt_path, out, base, dtype)
+
+
+def _export_locked(ckpt_path: str | Path, out: str | Path, base: str | None, dtype: str) -> Path:
     check_checkpoint_dir(out, (base,))  # before the (slow) load: a wrong folder fails at once
     module, ckpt = load_module(ckpt_path, base)
     check_checkpoint_dir(out, (module.base_model,))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -17,9 +18,9 @@ from qthink.errors import UserError, require
 
 def atomic_write(path: Path, write: Callable[[IO], object], binary: bool = False) -> None:
     """Call `write(file)` on a temporary name beside `path`, flush it to disk, then rename: readers never see
-    half a file; an error or Ctrl-C removes the temporary `.<name>.tmp`, and a kill -9 leaves at most that
-    (overwritten by the next write)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    half a file; an error or Ctrl-C removes the temporary file (`temp_path`), and what a kill -9 leaves
+    carries its owner, so only `remove_stale_temp_files` (its process has ended) ever deletes it."""
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
             write(f)
@@ -75,7 +76,17 @@ def require_same_settings(path: Path, have: dict, want: dict, what: str, unrecor
                 f"rerun with the same {key} or choose another --out")
 
 
-TEMP_MARK = "qthink-tmp"  # in the names of temporary folders that `temp_dir_beside` makes
+TEMP_MARK = "qthink-tmp"  # in the names of temporary files and folders, followed by their owner
+
+
+def owner_tag() -> str:
+    """`<host>-<pid>-<random>`: whose temporary file or folder this is (a pid alone is reused across hosts)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary name `path` is written under before its rename: `.<name>.qthink-tmp-<owner>.tmp`."""
+    return path.with_name(f".{path.name}.{TEMP_MARK}-{owner_tag()}.tmp")
 
 
 def temp_dir_beside(dest: Path) -> Path:
@@ -87,15 +98,32 @@ def temp_dir_beside(dest: Path) -> Path:
                                  dir=dest.parent))
 
 
+def _stale_temps(folder: Path, name: str, suffix: str) -> list[Path]:
+    """Entries of `folder` named like a temporary of `name` (any name for `.+`) made by a process of this
+    host that has ended."""
+    pattern = re.compile(rf"\.{name}\.{TEMP_MARK}-{re.escape(socket.gethostname())}-(\d+)-[a-z0-9_]{{8}}{suffix}")
+    found = []
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        match = pattern.fullmatch(entry.name)
+        if match and not entry.is_symlink() and not process_alive(int(match.group(1))):
+            found.append(entry)
+    return found
+
+
 def remove_stale_temp_dirs(dest: Path) -> list[Path]:
     """Remove the temporary folders `temp_dir_beside(dest)` made in processes of this host that have ended."""
-    pattern = re.compile(rf"\.{re.escape(dest.name)}\.{TEMP_MARK}-{re.escape(socket.gethostname())}-(\d+)-[a-z0-9_]{{8}}")
-    removed = []
-    for entry in dest.parent.iterdir() if dest.parent.is_dir() else ():
-        match = pattern.fullmatch(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not process_alive(int(match.group(1))):
-            shutil.rmtree(entry)
-            removed.append(entry)
+    removed = [entry for entry in _stale_temps(dest.parent, re.escape(dest.name), "") if entry.is_dir()]
+    for entry in removed:
+        shutil.rmtree(entry)
+    return removed
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Remove the temporary files (`temp_path`) in `folder` of processes of this host that have ended;
+    another process's, a live one's or a user's `.tmp` file is never touched."""
+    removed = [entry for entry in _stale_temps(folder, ".+", r"\.tmp") if entry.is_file()]
+    for entry in removed:
+        entry.unlink()
     return removed
 
 

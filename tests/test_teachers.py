@@ -3,6 +3,7 @@ bad input, the benchmark, and 1 vs 2 processes (torchrun, gloo) for both pipelin
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qthink.bench.teachers import bench_teachers
 from qthink.cli import main
 from qthink.errors import UserError
+from qthink.files import TEMP_MARK
 from qthink.tasks import get_task
 from qthink.teachers.extract import build_teachers
 from qthink.teachers.rollouts import ROLLOUTS, reference_rollout, run_rollouts
@@ -184,7 +186,10 @@ def test_kill_and_resume_gives_the_same_store(tiny_base, hand, tmp_path):
     with pytest.raises(Killed):
         teachers(tiny_base, hand, out, on_shard=kill)
     assert not (out / "manifest.json").exists()
-    (out / ".shard-00001.safetensors.tmp").write_bytes(b"half a shard")  # a kill mid-write leaves this
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    half = out / f".shard-00001.safetensors.{TEMP_MARK}-{socket.gethostname()}-{dead.pid}-0123abcd.tmp"
+    half.write_bytes(b"half a shard")  # what a kill mid-write leaves (its owner's pid in the name)
     teachers(tiny_base, hand, out)
     assert listing(out) == listing(whole)
     # losing the last shard and the manifest: the rerun recomputes that shard only

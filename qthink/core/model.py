@@ -25,6 +25,7 @@ from qthink.core.sampling import Sampler, row_seed
 from qthink.core.sequences import encode_prompts, left_pad, output_text, stop_ids
 from qthink.errors import UserError, require
 from qthink.files import temp_dir_beside, writable_dir
+from qthink.ownership import lock_beside, write_marker
 
 HEAD_PT, HEAD_ST, META = "projection_head.pt", "projection_head.safetensors", "qthink.json"
 HALT_ST = "halting_head.safetensors"
@@ -194,6 +195,10 @@ class QThink(nn.Module):
         """Write the seed-format checkpoint; the directory appears whole or not at all. It replaces only an
         empty folder or an earlier qthink checkpoint (`check_checkpoint_dir`)."""
         out = Path(out)
+        with lock_beside(out, "checkpoint folder"):
+            return self._save_locked(out, extra_info)
+
+    def _save_locked(self, out: Path, extra_info: dict | None) -> Path:
         check_checkpoint_dir(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir_beside(out)  # also clears the temporary folder of an earlier export killed mid-write
@@ -213,9 +218,11 @@ class QThink(nn.Module):
                     "hidden_size": self.head.hidden_size, "hidden_state": "post-norm last layer",
                     **self.info, **(extra_info or {})}
             (tmp / META).write_text(json.dumps(info, indent=2) + "\n")
+            write_marker(tmp, "checkpoint")
             if out.exists():
-                old = out.with_name(f".{out.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
+                # the old checkpoint moves aside under a name that carries this process (an empty folder a
+                # rename may replace), never onto a `.<out>.old` that may be someone else's
+                old = temp_dir_beside(out)
                 os.replace(out, old)
                 os.replace(tmp, out)
                 shutil.rmtree(old, ignore_errors=True)
@@ -326,6 +333,11 @@ def check_checkpoint_dir(out: str | Path, sources: tuple[str | Path | None, ...]
 def init_checkpoint(base: str, out: str | Path, seed: int = 0, latent_steps: int = 6,
                     trust_remote_code: bool = False) -> Path:
     """Wrap a base model with a freshly initialised head (seeded) and write a seed-format checkpoint."""
+    with lock_beside(out, "checkpoint folder"):  # held from the first check to the rename
+        return _init_locked(base, out, seed, latent_steps, trust_remote_code)
+
+
+def _init_locked(base: str, out: str | Path, seed: int, latent_steps: int, trust_remote_code: bool) -> Path:
     check_checkpoint_dir(out, (base,))
     model, tokenizer = load_base(base, None, trust_remote_code)
     torch.manual_seed(seed)

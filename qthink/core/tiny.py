@@ -139,7 +139,8 @@ def check_output_dir(out: str | Path) -> Path:
     """`out` if it is new, empty or an earlier tiny base, and writable: any other model or file in it is
     never overwritten."""
     out = writable_dir(out, "output folder")
-    others = sorted(p.name for p in out.iterdir() if p.name not in TINY_BASE_FILES) if out.is_dir() else []
+    others = sorted((p.name for p in out.iterdir() if p.name not in TINY_BASE_FILES),
+                    key=lambda name: (name.startswith("."), name)) if out.is_dir() else []  # visible names first
     require(not others, f"{out} holds files a tiny base does not ({', '.join(others[:3])}); nothing was written: "
             "choose a new or empty folder")
     return out

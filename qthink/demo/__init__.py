@@ -45,18 +45,27 @@ from qthink.demo.stages import (
     store_of,
 )
 from qthink.errors import UserError, require
+from qthink.ownership import claim
 from qthink.tasks.synthetic import parse_steps, steps_label
 
 
 def run_demo(workdir: str | Path = "runs/demo", quick: bool = False, seed: int = 0, force: bool = False,
              ablation_seeds: list[int] | None = None, workers: int | None = None,
              settings: DemoSettings | None = None, systems: list[str] | None = None) -> dict:
+    s = settings or (QUICK if quick else DemoSettings())
+    with claim(workdir, "demo", "--workdir") as owned:  # the whole run: one demo per workdir
+        # every stage folder is new or the demo's own before any stage writes (a user's `base` is never replaced)
+        owned.take("stages.json", "tiny-base", "base", "rollouts", "fit", "export", "eval", "report.md",
+                   "training_curves.png", "accuracy_vs_cost.png",
+                   *sorted({store_of(x, s)[0] for x in select_systems(systems) if x.variant}))
+        return _run_demo(Path(workdir), s, quick, seed, force, ablation_seeds, workers, systems)
+
+
+def _run_demo(workdir: Path, s: DemoSettings, quick: bool, seed: int, force: bool, ablation_seeds: list[int] | None,
+              workers: int | None, systems: list[str] | None) -> dict:
     from qthink.parallel import default_workers, quiet_worker
 
     began = time.perf_counter()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    s = settings or (QUICK if quick else DemoSettings())
     workers = workers or default_workers()
     # The tiny model's matmuls are too small for a second OpenMP thread to pay (docs/findings.md, F6):
     # one thread per process, and independent work on two processes.
@@ -160,7 +169,8 @@ def cli_main(args) -> None:
     if args.study:
         from qthink.demo.study import run_study
 
-        run_study(args.workdir, seed=args.seed, workers=args.workers, settings=settings)
+        with claim(args.workdir, "demo", "--workdir"):
+            run_study(args.workdir, seed=args.seed, workers=args.workers, settings=settings)
 
 
 

@@ -23,6 +23,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,15 @@ from qthink.core.latent import model_parts
 from qthink.core.model import check_model_ref, hidden_size_of, load_base
 from qthink.core.sequences import encode_prompts, right_pad
 from qthink.errors import require
-from qthink.files import atomic_write_text, local_ref, read_json, require_same_settings, writable_dir
+from qthink.files import (
+    atomic_write_text,
+    local_ref,
+    read_json,
+    remove_stale_temp_files,
+    require_same_settings,
+    writable_dir,
+)
+from qthink.ownership import claim
 from qthink.tasks.base import THINK_CLOSE, THINK_OPEN
 from qthink.teachers import distributed
 from qthink.teachers.positions import (
@@ -371,8 +380,7 @@ def finish_store(out: Path, settings: dict, rmanifest: dict, n_shards: int, hidd
     atomic_write_text(out / PROGRESS, json.dumps({"settings": settings, "shards": shards}) + "\n")
     for path in out.glob("progress-rank*.json"):
         path.unlink()
-    for path in out.glob(".*.tmp"):  # leftovers of a killed run; never listed in a manifest
-        path.unlink()
+    remove_stale_temp_files(out)  # a killed run's shards-in-progress; a live run's or a user's .tmp stays
     write_manifest(out, manifest)
     return read_json(out / MANIFEST, REBUILD)
 
@@ -418,9 +426,10 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 def cli_main(args) -> int:
     start = time.perf_counter()
     try:
-        manifest = build_teachers(args.base, args.rollouts, args.out, args.K, args.dtype, args.batch_size,
-                                  args.position_scheme, args.shard_size, args.model_dtype, args.device,
-                                  trust_remote_code=args.trust_remote_code, adaptive=args.adaptive)
+        with claim(args.out, "teachers", "--out") if distributed.env_ranks().is_main else nullcontext():
+            manifest = build_teachers(args.base, args.rollouts, args.out, args.K, args.dtype, args.batch_size,
+                                      args.position_scheme, args.shard_size, args.model_dtype, args.device,
+                                      trust_remote_code=args.trust_remote_code, adaptive=args.adaptive)
     finally:
         distributed.teardown()
     if distributed.env_ranks().is_main:

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -32,7 +33,15 @@ from qthink.core.model import check_decode_mode, check_model_ref, context_length
 from qthink.core.sampling import Sampler, row_seed
 from qthink.core.sequences import encode_prompts, left_pad, output_text, stop_ids
 from qthink.errors import UserError, require
-from qthink.files import atomic_write_text, local_ref, read_json, require_same_settings, writable_dir
+from qthink.files import (
+    atomic_write,
+    atomic_write_text,
+    local_ref,
+    read_json,
+    require_same_settings,
+    writable_dir,
+)
+from qthink.ownership import claim
 from qthink.tasks.base import THINK_CLOSE, thinking_completion
 from qthink.teachers import distributed
 
@@ -158,13 +167,7 @@ def merge_parts(directory: Path) -> int:
             where.setdefault(index, (part, off, n))
     order = sorted(where)
     if parts or not in_order:
-        tmp = main.with_name(f".{main.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for index in order:
-                f.write(read_line(*where[index]) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, main)
+        atomic_write(main, lambda f: f.writelines(read_line(*where[index]) + "\n" for index in order))
         for part in parts:
             part.unlink()
     return len(order)
@@ -356,10 +359,11 @@ def cli_main(args) -> int:
 
     start = time.perf_counter()
     try:
-        s = run_rollouts(args.base, args.task, args.out, args.split, args.data_path, args.G, args.temperature,
-                         args.top_p, args.top_k, args.max_new_tokens, args.batch_size, args.seed, args.limit,
-                         args.dtype, args.device, decode_mode=args.decode_mode,
-                         task_options=parse_task_options(args.task_option), grade_unclosed=args.grade_unclosed)
+        with claim(args.out, "rollouts", "--out") if distributed.env_ranks().is_main else nullcontext():
+            s = run_rollouts(args.base, args.task, args.out, args.split, args.data_path, args.G, args.temperature,
+                             args.top_p, args.top_k, args.max_new_tokens, args.batch_size, args.seed, args.limit,
+                             args.dtype, args.device, decode_mode=args.decode_mode,
+                             task_options=parse_task_options(args.task_option), grade_unclosed=args.grade_unclosed)
     finally:
         distributed.teardown()
     if distributed.env_ranks().is_main:

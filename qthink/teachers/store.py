@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qthink.errors import UserError, require
-from qthink.files import atomic_write_text
+from qthink.files import atomic_write_text, temp_path
 
 FORMAT_VERSION = 2  # 2: `num_steps` per row and `adaptive` in the manifest
 MANIFEST = "manifest.json"
@@ -46,7 +46,7 @@ def write_shard(directory: Path, index: int, tensors: dict[str, torch.Tensor]) -
     missing = [f for f in FIELDS if f not in tensors]
     assert not missing, f"shard tensors lack {missing}"
     path = directory / shard_name(index)
-    tmp = directory / f".{path.name}.tmp"
+    tmp = temp_path(path)  # carries its owner: cleanup never takes another run's
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())

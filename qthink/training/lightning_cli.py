@@ -26,6 +26,7 @@ import argparse
 import logging
 import re
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import yaml
@@ -36,6 +37,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from qthink.errors import UserError, require
 from qthink.files import writable_dir
+from qthink.ownership import claim
 from qthink.training.checkpoints import AtomicCheckpointIO, check_settings, read_checkpoint
 from qthink.training.data import TeacherDataModule
 from qthink.training.module import QThinkModule
@@ -81,6 +83,10 @@ class QThinkCLI(LightningCLI):
                 "not supported (its overflow-skipping conflicts with the finite-gradient guard): use bf16-mixed or 32-true")
         for flag, folder in self.output_dirs().items():  # before the model loads, not at the first checkpoint
             writable_dir(folder, flag)
+        root = self.config["fit"]["trainer"].get("default_root_dir")
+        if root is not None and self.trainer.is_global_zero:  # a named run folder is this fit's alone (without
+            # one, Lightning versions its logs); rank 0 holds it for every rank
+            self.outputs.enter_context(claim(root, "fit", "--trainer.default_root_dir"))
         last = self.last_checkpoint()
         require(last is None or not last.exists() or self.config["fit"].get("ckpt_path") is not None,
                 f"{last} exists from an earlier fit: add --ckpt_path last to resume it, or set another "
@@ -127,7 +133,8 @@ class QThinkCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
-            super()._run_subcommand(subcommand)
+            with ExitStack() as self.outputs:  # the run folder claimed in before_fit is held until the run ends
+                super()._run_subcommand(subcommand)
         except SystemExit as e:
             # Lightning turns Ctrl-C into exit(1) after its graceful shutdown; qthink exits 130 for it, as
             # every other subcommand does
