@@ -114,19 +114,19 @@ def test_teachers_refuses_rollouts_being_written_or_stopped_part_way(tiny_base, 
                 time.sleep(0.01)
             run.send_signal(signal.SIGSTOP)  # alive, part-way through
             assert main(teachers) == 2
-            assert last_error(capsys.readouterr().err) == (f"qthink: error: rollouts {out} are still being written by pid "
+            assert last_error(capsys.readouterr().err) == (f"qthink: error: rollouts {out}: still being written by pid "
                                                             f"{run.pid}; wait for it to finish")
         finally:
             run.send_signal(signal.SIGCONT)
         run.send_signal(signal.SIGTERM)
         code = run.wait(timeout=300)
     stderr = (tmp_path / "stderr.txt").read_text()
-    assert code == 143 and last_error(stderr) == "qthink: terminated" and "Traceback" not in stderr, stderr[-3000:]
+    assert code == 143 and "qthink: terminated\n" in stderr and "Traceback" not in stderr, stderr[-3000:]  # (a progress bar may follow)
     done = len((out / "rollouts.jsonl").read_text().splitlines())
     assert 0 < done < limit
     assert main(teachers) == 2
-    assert last_error(capsys.readouterr().err) == (f"qthink: error: rollouts {out} stopped at {done} of {limit} problems: "
-                                                    "rerun `qthink rollouts` with the same settings to finish them")
+    assert last_error(capsys.readouterr().err) == (f"qthink: error: rollouts {out}: stopped at {done} of {limit} problems; "
+                                                    "rerun `qthink rollouts` with the same settings to finish")
     assert not (tmp_path / "store").exists()
 
 
@@ -144,8 +144,8 @@ def test_fit_refuses_a_teacher_store_stopped_part_way(tiny_base, teacher_store, 
     except Stop:
         pass
     assert main(["fit", *fit_args(tiny_base, store, tmp_path / "run")]) == 2
-    assert last_error(capsys.readouterr().err) == (f"qthink: error: teacher store {store} stopped at 1 of 3 shards: "
-                                                    "rerun `qthink teachers` with the same settings to finish it")
+    assert last_error(capsys.readouterr().err) == (f"qthink: error: teacher store {store}: stopped at 1 of 3 shards; "
+                                                    "rerun `qthink teachers` with the same settings to finish")
     assert not (tmp_path / "run").exists()
     assert main(["teachers", "--base", str(tiny_base), "--rollouts", str(teacher_store.parent / "rollouts"), "--out",
                  str(store), "--shard-size", "3", "--model-dtype", "float32", "--device", "cpu"]) == 0
