@@ -2,7 +2,8 @@
 
 `fit`, `validate` and `test` are LightningCLI (`qthink.training.lightning_cli`); every other subcommand lives in the
 module that implements it, which exposes `add_cli_arguments(parser)` and `cli_main(args) -> int | None`.
-User mistakes raise `qthink.errors.UserError` and are printed here as one line, exit status 2.
+User mistakes raise `qthink.errors.UserError` and are printed here as one line, exit status 2; Ctrl-C exits 130 and
+SIGTERM, handled the same way (`qthink.signals`), 143.
 """
 
 import argparse
@@ -12,6 +13,7 @@ import os
 import sys
 
 from qthink.errors import UserError
+from qthink.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_as_interrupt
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
@@ -165,21 +167,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qthink: error: unknown command {name!r}; known: {', '.join([*LIGHTNING, *COMMANDS])}", file=sys.stderr)
         return 2
     try:
-        quiet_libraries()
-        if name in LIGHTNING:
-            from qthink.training.lightning_cli import run_lightning_cli
+        with sigterm_as_interrupt():
+            quiet_libraries()
+            if name in LIGHTNING:
+                from qthink.training.lightning_cli import run_lightning_cli
 
-            run_lightning_cli(argv)
-            return 0
-        args = command_parser(name).parse_args(argv[1:])
-        run = LOCAL[name][1] if name in LOCAL else importlib.import_module(COMMANDS[name][0]).cli_main
-        return int(run(args) or 0)
+                run_lightning_cli(argv)
+                return 0
+            args = command_parser(name).parse_args(argv[1:])
+            run = LOCAL[name][1] if name in LOCAL else importlib.import_module(COMMANDS[name][0]).cli_main
+            return int(run(args) or 0)
     except UserError as e:
         print(f"qthink: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("qthink: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("qthink: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Export rebuilds the module from those hyperparameters (the base model from its o
 when it moved), loads the weights, merges LoRA into the base in float32 (`merge_and_unload(safe_merge=True)`,
 which refuses to write NaN/inf), and writes the directory `qthink generate`, `qthink eval` and the seed's
 own usage snippet read (ARCHITECTURE.md contract 3), with `qthink.json` recording how the model was trained.
+A checkpoint of a fit that stopped before its `max_steps` (SIGTERM, Ctrl-C, a periodic checkpoint) is refused
+unless `--unfinished` is given: a half-trained model is never exported by mistake.
 """
 
 import argparse
@@ -17,7 +19,7 @@ from qthink.core.device import DTYPES, parse_dtype
 from qthink.core.model import QThink, check_checkpoint_dir, config_of
 from qthink.errors import UserError, require
 from qthink.ownership import lock_beside
-from qthink.training.checkpoints import read_checkpoint, trained_hparams
+from qthink.training.checkpoints import read_checkpoint, require_trained, trained_hparams
 from qthink.training.module import QThinkModule
 
 
@@ -34,16 +36,20 @@ def load_module(ckpt_path: str | Path, base: str | None = None) -> tuple[QThinkM
     return module.eval(), ckpt
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, base: str | None = None, dtype: str = "base") -> Path:
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, base: str | None = None, dtype: str = "base",
+                      unfinished: bool = False) -> Path:
     """Write the seed-format checkpoint of a `qthink fit` checkpoint to `out`; returns `out`.
 
     `dtype`: `base` (the base model's stored dtype, e.g. bfloat16 for Qwen3-1.7B) or float32/bfloat16/float16.
+    A checkpoint of a fit that stopped before its `max_steps` is refused unless `unfinished`.
     """
     with lock_beside(out, "checkpoint folder"):  # one export into `out` at a time, from the first check to the rename
-        return _export_locked(ckpt_path, out, base, dtype)
+        return _export_locked(ckpt_path, out, base, dtype, unfinished)
 
 
-def _export_locked(ckpt_path: str | Path, out: str | Path, base: str | None, dtype: str) -> Path:
+def _export_locked(ckpt_path: str | Path, out: str | Path, base: str | None, dtype: str, unfinished: bool) -> Path:
+    if not unfinished:
+        require_trained(ckpt_path, read_checkpoint(ckpt_path))
     check_checkpoint_dir(out, (base,))  # before the (slow) load: a wrong folder fails at once
     module, ckpt = load_module(ckpt_path, base)
     check_checkpoint_dir(out, (module.base_model,))
@@ -75,10 +81,12 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output directory (seed-format checkpoint)")
     p.add_argument("--base", default=None, help="base model path or repo id, if it moved since training")
     p.add_argument("--dtype", default="base", help="base (the base model's dtype) | float32 | bfloat16 | float16")
+    p.add_argument("--unfinished", action="store_true",
+                   help="export a checkpoint of a fit that stopped before its max_steps (default: refused)")
 
 
 def cli_main(args) -> None:
     require(args.dtype == "base" or args.dtype in DTYPES,
             f"--dtype must be base, float32, bfloat16 or float16 (got {args.dtype})")
-    out = export_checkpoint(args.ckpt, args.out, args.base, args.dtype)
+    out = export_checkpoint(args.ckpt, args.out, args.base, args.dtype, args.unfinished)
     print(f"wrote seed-format checkpoint to {out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,7 +10,8 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -125,6 +127,40 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
     for entry in removed:
         entry.unlink()
     return removed
+
+
+@contextmanager
+def unfinished(outputs: list[tuple[Path, dict]], write: Callable[[Path, dict], None]) -> Iterator[None]:
+    """Inside: each output's manifest (`write(folder, manifest)`) says `complete: false` and names this process
+    as its writer (pid, host); the writer rewrites it with `complete: true` at the very end. On an error,
+    Ctrl-C or SIGTERM it is rewritten without the writer, so the next stage says where it stopped (a kill -9
+    leaves the pid of a process that has ended, which reads the same)."""
+    writer = {"pid": os.getpid(), "host": socket.gethostname()}
+    for folder, manifest in outputs:
+        write(folder, {**manifest, "complete": False, "writer": writer})
+    try:
+        yield
+    except BaseException:
+        for folder, manifest in outputs:
+            with contextlib.suppress(OSError):  # a full disk: the original error matters more
+                write(folder, {**manifest, "complete": False, "writer": None})
+        raise
+
+
+def require_finished(manifest: dict, what: str, progress: Callable[[], str], rerun: str) -> None:
+    """Refuse an unfinished output, in one line: "`what`: still being written by pid N" while its writer runs,
+    "`what`: stopped at `progress()`; `rerun` to finish" otherwise. A manifest without `complete` was written
+    before qthink recorded completion and is read as finished, as it was then."""
+    if manifest.get("complete", True) is True:
+        return
+    writer = manifest.get("writer") if isinstance(manifest.get("writer"), dict) else {}
+    pid, host = writer.get("pid"), writer.get("host")
+    if type(pid) is int and host == socket.gethostname() and process_alive(pid):
+        raise UserError(f"{what}: still being written by pid {pid}; wait for it to finish")
+    if type(pid) is int and isinstance(host, str) and host != socket.gethostname():  # cannot be asked from here
+        raise UserError(f"{what}: being written by pid {pid} on {host}, or stopped there at {progress()}; wait for "
+                        f"it, or {rerun} to finish")
+    raise UserError(f"{what}: stopped at {progress()}; {rerun} to finish")
 
 
 def process_alive(pid: int) -> bool:

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
+from qthink.signals import sigterm_as_interrupt
+
 Job = tuple[str, Callable[..., Any], tuple]  # (name, module-level function, its arguments)
 
 
@@ -93,6 +95,25 @@ def run_ranks(fn: Callable[..., Any], kwargs: dict, world: int) -> list[Any]:
     for p in procs:
         p.start()
     outcomes: dict[int, tuple[str, Any]] = {}  # rank -> ("ok" | "error", value), read before joining
+    try:
+        wait_for_ranks(procs, results, outcomes)
+    except BaseException:  # Ctrl-C or SIGTERM here: the ranks stop too (each handles SIGTERM like Ctrl-C)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join()
+        raise
+    for p in procs:
+        p.join()
+    errors = [f"rank {r}: {v}" for r, (status, v) in sorted(outcomes.items()) if status == "error"]
+    if errors:
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed: {'; '.join(errors)}")
+    return [outcomes[r][1] for r in range(world)]
+
+
+def wait_for_ranks(procs: list, results, outcomes: dict[int, tuple[str, Any]]) -> None:
+    """Fill `outcomes` with every rank's report; a rank that died without one is reported for it."""
+    world = len(procs)
     while len(outcomes) < world:
         try:
             rank, outcome = results.get(timeout=1.0)
@@ -106,12 +127,6 @@ def run_ranks(fn: Callable[..., Any], kwargs: dict, world: int) -> list[Any]:
                     p.terminate()
                 for r in range(world):
                     outcomes.setdefault(r, ("error", "stopped after another rank died"))
-    for p in procs:
-        p.join()
-    errors = [f"rank {r}: {v}" for r, (status, v) in sorted(outcomes.items()) if status == "error"]
-    if errors:
-        raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed: {'; '.join(errors)}")
-    return [outcomes[r][1] for r in range(world)]
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable[..., Any], kwargs: dict, results) -> None:
@@ -123,7 +138,8 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable[..., Any], kwargs:
         from qthink.teachers import distributed
 
         try:
-            outcome = ("ok", fn(**kwargs))
+            with sigterm_as_interrupt():  # the parent's SIGTERM (or Ctrl-C) cleans up here as it does there
+                outcome = ("ok", fn(**kwargs))
         finally:
             distributed.teardown()
     except BaseException as e:  # reported to the parent, which raises it with every rank's error

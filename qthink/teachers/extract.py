@@ -15,7 +15,9 @@ Per problem, `uniform` is the mean over its valid rollouts and `weighted` the re
 
 Problems are cut into fixed shards of `--shard-size` (in problem-index order); each shard is written
 atomically (`write_shard`) and recorded in a progress file, so a rerun skips whole shards and rebuilds
-the same bytes. Under `torchrun` rank r computes shards r, r+W, ...; rank 0 writes the manifest last.
+the same bytes. Meanwhile the manifest says `complete: false` and names the writer's pid (`unfinished`), so
+`fit` refuses the store until the manifest written last says `complete: true`. Under `torchrun` rank r
+computes shards r, r+W, ...; rank 0 writes the manifest last.
 """
 
 import argparse
@@ -41,6 +43,7 @@ from qthink.files import (
     read_json,
     remove_stale_temp_files,
     require_same_settings,
+    unfinished,
     writable_dir,
 )
 from qthink.ownership import claim
@@ -327,31 +330,35 @@ def build_stores(base: str, rollouts: str | Path, specs: list[StoreSpec], dtype:
     n_shards = (len(entries) + shard_size - 1) // shard_size
     mine = [s for s in ranks.units(n_shards) if any(shard_name(s) not in d for d in done)]
     own = [list(d.values()) for d in done]  # each store's progress keeps what it rewrites
-    if mine:
-        model, tokenizer = load_base(base, parse_dtype(model_dtype), trust_remote_code)
-        decoder = model_parts(model.to(dev))[0]
-        steps = any(spec.position_scheme == "steps" for spec in specs)
-        offsets = task_step_offsets(rmanifest.get("task")) if steps else None
-        path = rollouts / ROLLOUTS
-        for s in mine:
-            todo = [i for i, d in enumerate(done) if shard_name(s) not in d]
-            chunk = entries[s * shard_size : (s + 1) * shard_size]
-            problems = [parse_line(path, 0, read_line(path, off, n)) for _, off, n in chunk]
-            built = build_shards(decoder, tokenizer, problems, [specs[i] for i in todo], batch_size, dev,
-                                 STORE_DTYPES[dtype], offsets, str(path))
-            for i, (tensors, counts) in zip(todo, built, strict=True):
-                entry = {**write_shard(outs[i], s, tensors), "counts": counts}
-                own[i].append(entry)
-                atomic_write_text(outs[i] / f"progress-rank{ranks.rank}.json",
-                                  json.dumps({"settings": settings[i], "shards": own[i]}) + "\n")
-                if on_shard is not None:
-                    on_shard(entry)
-            if ranks.is_main:
-                counts = built[0][1]
-                print(f"shard {s + 1}/{n_shards}: {counts['problems']} problems, {counts['valid']}/{counts['rollouts']} "
-                      f"valid rollouts" + (f", {len(todo)} stores" if len(todo) > 1 else ""), flush=True)
-        del model, decoder
-    distributed.barrier()
+    # rank 0 marks the stores that lack shards unfinished meanwhile (a finished one stays so)
+    marked = [(out, {**setting, "shards_total": n_shards}) for out, setting, d in zip(outs, settings, done, strict=True)
+              if ranks.is_main and any(shard_name(s) not in d for s in range(n_shards))]
+    with unfinished(marked, write_manifest):
+        if mine:
+            model, tokenizer = load_base(base, parse_dtype(model_dtype), trust_remote_code)
+            decoder = model_parts(model.to(dev))[0]
+            steps = any(spec.position_scheme == "steps" for spec in specs)
+            offsets = task_step_offsets(rmanifest.get("task")) if steps else None
+            path = rollouts / ROLLOUTS
+            for s in mine:
+                todo = [i for i, d in enumerate(done) if shard_name(s) not in d]
+                chunk = entries[s * shard_size : (s + 1) * shard_size]
+                problems = [parse_line(path, 0, read_line(path, off, n)) for _, off, n in chunk]
+                built = build_shards(decoder, tokenizer, problems, [specs[i] for i in todo], batch_size, dev,
+                                     STORE_DTYPES[dtype], offsets, str(path))
+                for i, (tensors, counts) in zip(todo, built, strict=True):
+                    entry = {**write_shard(outs[i], s, tensors), "counts": counts}
+                    own[i].append(entry)
+                    atomic_write_text(outs[i] / f"progress-rank{ranks.rank}.json",
+                                      json.dumps({"settings": settings[i], "shards": own[i]}) + "\n")
+                    if on_shard is not None:
+                        on_shard(entry)
+                if ranks.is_main:
+                    counts = built[0][1]
+                    print(f"shard {s + 1}/{n_shards}: {counts['problems']} problems, {counts['valid']}/{counts['rollouts']} "
+                          f"valid rollouts" + (f", {len(todo)} stores" if len(todo) > 1 else ""), flush=True)
+            del model, decoder
+        distributed.barrier()
     manifests = []
     if ranks.is_main:
         hidden = hidden_size_of(base, trust_remote_code)

@@ -7,8 +7,9 @@ Each prompt is the task's question as one user turn with thinking enabled; `qthi
 noise from `row_seed(seed, i, j)`, and batches are fixed groups of `--batch-size` consecutive problems,
 so the output does not depend on how the run was split, resumed or spread over ranks.
 
-Output directory: `manifest.json` (the settings, written first) and `rollouts.jsonl`, one line per
-problem, appended with flush + fsync. A rerun checks the settings against the manifest, discards a
+Output directory: `manifest.json` (the settings, written first, with `complete: false` and the writer's pid
+while problems are missing, `complete: true` at the very end) and `rollouts.jsonl`, one line per problem,
+appended with flush + fsync. `read_rollouts` refuses a folder that is not complete. A rerun checks the settings against the manifest, discards a
 truncated last line (a run killed mid-write) and skips the problems already present. Under `torchrun`
 each rank appends to `rollouts.rank-R.jsonl` and rank 0 merges the parts into `rollouts.jsonl` (ordered
 by problem index) at the end.
@@ -38,7 +39,9 @@ from qthink.files import (
     atomic_write_text,
     local_ref,
     read_json,
+    require_finished,
     require_same_settings,
+    unfinished,
     writable_dir,
 )
 from qthink.ownership import claim
@@ -120,17 +123,25 @@ def read_line(path: Path, offset: int, length: int) -> str:
 
 
 def read_rollouts(directory: str | Path) -> tuple[dict, list[tuple[int, int, int]]]:
-    """(manifest or {}, scan entries ordered by problem index) of a finished rollouts directory; read a
-    problem with `parse_line(path, 0, read_line(path, offset, length))`."""
+    """(manifest or {}, scan entries ordered by problem index) of a finished rollouts directory; one that is
+    still being written or was stopped part-way is refused (`require_finished`). Read a problem with
+    `parse_line(path, 0, read_line(path, offset, length))`."""
     directory = Path(directory)
     path = directory / ROLLOUTS
     require(path.is_file(), f"{directory} has no {ROLLOUTS}; create it with `qthink rollouts`")
+    manifest = read_json(directory / MANIFEST, "rerun `qthink rollouts`") if (directory / MANIFEST).is_file() else {}
+    require_finished(manifest, f"rollouts {directory}", lambda: f"{len(problems_present(directory))} of "
+                     f"{manifest.get('problems')} problems", "rerun `qthink rollouts` with the same settings")
     parts = sorted(directory.glob("rollouts.rank-*.jsonl"))
     if parts:
         raise UserError(f"{directory} still has per-rank parts ({parts[0].name}); rerun `qthink rollouts` to finish it")
     entries = sorted(scan(path))
-    manifest = json.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).is_file() else {}
     return manifest, entries
+
+
+def problems_present(directory: Path) -> set[int]:
+    """The problem indices written into `directory` so far (the merged file and every rank's part)."""
+    return {e[0] for f in [directory / ROLLOUTS, *directory.glob("rollouts.rank-*.jsonl")] for e in scan(f, tail="ignore")}
 
 
 # Settings added after the first manifests were written, and what those manifests' runs used.
@@ -210,7 +221,8 @@ def write_reference_rollouts(base: str, out: str | Path, task_name: str = "synth
     records = task.load(split, data_path)[:n]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / MANIFEST, json.dumps({"format": FORMAT, "source": "reference", "base_model": local_ref(base),
-                                                  "task": task_name, "split": split, "G": G}, indent=2) + "\n")
+                                                  "task": task_name, "split": split, "G": G, "problems": len(records),
+                                                  "complete": True}, indent=2) + "\n")
     lines = []
     for i, record in enumerate(records):
         r = reference_rollout(tokenizer, task.think_text(record), task.reference(record))
@@ -251,7 +263,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
                  task_options: dict | None = None, grade_unclosed: bool = False) -> dict:
     """Sample, grade and append rollouts for the (first `limit`) problems of `task`/`split` not yet in
     `out`; returns a summary. `on_problem(index)` is called after each problem is on disk."""
-    from qthink.tasks import grade_output, has_unclosed_think, load_problems, make_task, print_note
+    from qthink.tasks import load_problems, make_task, print_note
 
     require(G >= 1, f"-G must be >= 1 (got {G})")
     require(batch_size >= 1, f"--batch-size must be >= 1 (got {batch_size})")
@@ -274,10 +286,36 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
                 "G": G, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": dtype,
                 "enable_thinking": True, "decode_mode": decode_mode, "grade_unclosed": grade_unclosed}
+    marked = []  # rank 0 marks the manifest unfinished while problems are missing (a finished folder stays so)
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         check_manifest(out, settings)
         scan(out / ROLLOUTS, tail="repair")  # validate, drop a truncated last line
+        if not set(range(len(records))) <= problems_present(out):
+            marked = [(out, {**settings, "problems": len(records)})]
+    with unfinished(marked, write_manifest):
+        summary = sample_rollouts(out, base, task_obj, records, settings, context, ranks, dev, on_problem)
+    if ranks.is_main:
+        summary["total_problems"] = merge_parts(out)
+        write_manifest(out, {**settings, "problems": summary["total_problems"], "complete": True})
+    distributed.barrier()
+    return summary
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def sample_rollouts(out: Path, base: str, task_obj, records: list, settings: dict, context: int, ranks, dev,
+                    on_problem: Callable[[int], None] | None) -> dict:
+    """Sample, grade and append the problems of `records` not yet in `out` (every rank its groups); returns
+    this rank's counts once every rank is done."""
+    from qthink.tasks import grade_output, has_unclosed_think
+
+    task, split, G, seed = settings["task"], settings["split"], settings["G"], settings["seed"]
+    max_new_tokens, batch_size, decode_mode = settings["max_new_tokens"], settings["batch_size"], settings["decode_mode"]
+    temperature, top_p, top_k = settings["temperature"], settings["top_p"], settings["top_k"]
+    grade_unclosed = settings["grade_unclosed"]
     distributed.barrier()
     if not ranks.is_main:
         check_manifest(out, settings, write=False)
@@ -293,7 +331,7 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
     todo = sum(i not in done for g in groups for i in g)
     summary = {"problems": todo, "rollouts": 0, "correct": 0, "finished": 0, "closed_think": 0, "unclosed_think": 0}
     if groups:
-        model, tokenizer = load_base(base, parse_dtype(dtype))
+        model, tokenizer = load_base(base, parse_dtype(settings["dtype"]))
         model = model.to(dev)
         end_think = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
         bar = tqdm(total=todo * G, unit="rollout", desc=f"rollouts {task}/{split}", disable=not ranks.is_main,
@@ -322,9 +360,6 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
                 if on_problem is not None:
                     on_problem(i)
         bar.close()
-    distributed.barrier()
-    if ranks.is_main:
-        summary["total_problems"] = merge_parts(out)
     distributed.barrier()
     return summary
 

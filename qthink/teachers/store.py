@@ -7,8 +7,10 @@ Layout of a store directory:
   `weighted_valid` [n] bool, `num_valid` [n] int32, `num_steps` [n] int32 (the latent steps each problem
   is taught: K everywhere in a fixed-K store; its own step count, at most K, in an `adaptive` one, whose
   slots from `num_steps` on are zero).
-Every file is written under a temporary name and renamed, so a reader never sees half a shard, and the
-manifest (written last) only lists shards that are whole. The reader checks format, shapes and sha256 on
+Every file is written under a temporary name and renamed, so a reader never sees half a shard. While shards
+are missing the manifest holds the settings, `complete: false` and the writer's pid (the reader refuses it:
+"still being written by pid N" or "stopped at 2 of 5 shards"); the finished manifest, written last, lists
+the shards, which are whole. The reader checks format, shapes and sha256 on
 open and refuses a store that does not match what the caller expects, naming the field and both values.
 """
 
@@ -22,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qthink.errors import UserError, require
-from qthink.files import atomic_write_text, temp_path
+from qthink.files import atomic_write_text, require_finished, temp_path
 
 FORMAT_VERSION = 2  # 2: `num_steps` per row and `adaptive` in the manifest
 MANIFEST = "manifest.json"
@@ -55,7 +57,8 @@ def write_shard(directory: Path, index: int, tensors: dict[str, torch.Tensor]) -
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    manifest = {"format_version": FORMAT_VERSION, **manifest}
+    """The store's manifest; `complete: true` unless `manifest` says otherwise (a store being built)."""
+    manifest = {"format_version": FORMAT_VERSION, "complete": True, **manifest}
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
@@ -76,6 +79,8 @@ class TeacherStore:
             self.manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{manifest_path} is not valid JSON (line {e.lineno}); rebuild the store") from e
+        require_finished(self.manifest, f"teacher store {self.path}", lambda: f"{len(list(self.path.glob('shard-*.safetensors')))} "
+                         f"of {self.manifest.get('shards_total')} shards", "rerun `qthink teachers` with the same settings")
         version = self.manifest.get("format_version")
         require(version == FORMAT_VERSION, f"{manifest_path}: format_version is {version}, this qthink reads "
                 f"{FORMAT_VERSION}; rebuild the store with this version of `qthink teachers`")

@@ -8,7 +8,11 @@ import warnings
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qthink.errors import UserError, require
 from qthink.files import atomic_write
@@ -20,6 +24,7 @@ MODEL_SETTINGS = ("lora", "latent_steps", "adaptive")
 # continue another run than the one in the checkpoint)
 TRAINING_SETTINGS = ("distill", "teacher", "gamma", "halt_weight", "lr", "weight_decay", "warmup_ratio", "warmup_steps",
                      "min_lr_ratio", "seed")
+PLAN = "qthink_fit"  # a checkpoint's record of the fit that wrote it: {"max_steps": N}
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict:
@@ -87,3 +92,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             kept = "the previous checkpoint is intact; " if path.exists() else ""
             raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; {kept}free space (or choose "
                             "another --trainer.default_root_dir) and resume with --ckpt_path last") from e
+
+
+class StopCheckpoint(Callback):
+    """A fit stopped by SIGTERM leaves a checkpoint of where it stopped, and every checkpoint records how far its
+    fit was to run (`max_steps`), so that `qthink export` can refuse one that stopped early.
+
+    Lightning stops the loop at the end of a step on SIGTERM (`SIGTERMException`); there the state is whole,
+    so this turns on the ModelCheckpoints' own `save_on_exception` for that exception only (Ctrl-C or an
+    error can strike mid-step, where a checkpoint could hold half an optimizer step). They then write their
+    checkpoint and `last.ckpt` (with `save_last`), which `--ckpt_path last` resumes. Must come before them
+    in `trainer.callbacks`."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # After an epoch's last step Lightning would stop only once the epoch is counted complete, a state none
+        # of its own checkpoints has; stopped here, it is the state of its epoch-end checkpoint
+        if trainer.received_sigterm and trainer.state.fn == TrainerFn.FITTING:
+            raise SIGTERMException
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint):
+                    callback.save_on_exception = True
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[PLAN] = {"max_steps": trainer.max_steps}
+
+
+def require_trained(ckpt_path: str | Path, ckpt: dict) -> None:
+    """Refuse a checkpoint whose fit stopped before its `max_steps` (SIGTERM, Ctrl-C, a crash, or a periodic
+    checkpoint of a run). Checkpoints written before qthink recorded `max_steps`, and fits bounded by epochs
+    instead, are not checked."""
+    max_steps, step = (ckpt.get(PLAN) or {}).get("max_steps", -1), int(ckpt.get("global_step", 0))
+    require(type(max_steps) is not int or max_steps < 0 or step >= max_steps,
+            f"{ckpt_path} stopped at step {step} of {max_steps}: resume it with `qthink fit ... --ckpt_path last` "
+            "to finish it, or pass --unfinished to export it as it is")

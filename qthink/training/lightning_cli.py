@@ -19,7 +19,9 @@ hand AdamW every frozen base weight and step its scheduler per epoch.
 Bad input is one line (`UserError`): a config file that is missing or not YAML names the file, a refused
 key names the file that sets it, and a `--ckpt_path` checkpoint is read here and compared with the config
 (`qthink.training.checkpoints`) where Lightning would load it unchecked and silently put its model settings
-in place of the config's. Ctrl-C exits with status 130 after Lightning's graceful shutdown.
+in place of the config's. Ctrl-C exits with status 130 after Lightning's graceful shutdown. SIGTERM is
+Lightning's: its `_SignalConnector` stops the loop at the end of the current step, `StopCheckpoint` has the
+ModelCheckpoints save there (`last.ckpt`, so `--ckpt_path last` continues exactly), and qthink exits 143.
 """
 
 import argparse
@@ -34,11 +36,13 @@ from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qthink.errors import UserError, require
 from qthink.files import writable_dir
 from qthink.ownership import claim
-from qthink.training.checkpoints import AtomicCheckpointIO, check_settings, read_checkpoint
+from qthink.signals import Terminated
+from qthink.training.checkpoints import AtomicCheckpointIO, StopCheckpoint, check_settings, read_checkpoint
 from qthink.training.data import TeacherDataModule
 from qthink.training.module import QThinkModule
 
@@ -129,17 +133,21 @@ class QThinkCLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
-        return super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+        trainer = super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+        trainer.callbacks.insert(0, StopCheckpoint())  # before the ModelCheckpoints, whose on_exception it enables
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             with ExitStack() as self.outputs:  # the run folder claimed in before_fit is held until the run ends
                 super()._run_subcommand(subcommand)
+        except SIGTERMException:  # Lightning stopped the loop at the end of a step (a SystemExit with code 0)
+            raise Terminated from None
         except SystemExit as e:
-            # Lightning turns Ctrl-C into exit(1) after its graceful shutdown; qthink exits 130 for it, as
-            # every other subcommand does
+            # Lightning turns Ctrl-C (and SIGTERM before its loop started) into exit(1) after its graceful
+            # shutdown; qthink exits 130 (143) for it, as every other subcommand does
             if e.code == 1 and self.trainer.interrupted:
-                raise KeyboardInterrupt from None
+                raise (e.__context__ if isinstance(e.__context__, Terminated) else KeyboardInterrupt()) from None
             raise
 
 
