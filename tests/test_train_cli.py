@@ -147,6 +147,20 @@ def test_fit_resume_validate_and_export_from_the_command_line(tiny_base, teacher
     assert (tmp_path / "export" / "projection_head.pt").is_file()
 
 
+def test_a_fit_ended_by_early_stopping_is_finished_and_exports(tiny_base, teacher_store, tmp_path):
+    """EarlyStopping ending a fit before max_steps (the demo stops at 100% or a plateau on validation) leaves
+    a finished last.ckpt at its step, which export takes (a fit stopped by SIGTERM is refused: test_signals)."""
+    root = tmp_path / "run"
+    common = tiny_args(tiny_base, teacher_store, root, "--trainer.val_check_interval", "2", "--data.val_limit", "4")
+    early = ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", "--trainer.callbacks.monitor",
+             "val/exact_match", "--trainer.callbacks.mode", "min", "--trainer.callbacks.stopping_threshold", "1.01"]
+    assert main(["fit", *common, "--trainer.max_steps", "6", *early]) == 0  # every score is < 1.01: stops at step 2
+    last = root / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["qthink_fit"] == {"max_steps": 6, "stopped_early": True}
+    assert main(["export", str(last), str(tmp_path / "export")]) == 0
+
+
 def test_validation_and_eval_decode_and_score_the_same_on_the_same_weights(tiny_base, teacher_store, tmp_path):
     """One decoding path: the validation samples logged during `qthink fit` are, text for text, what
     `qthink eval` writes for the exported weights, and `val/exact_match` equals eval's exact match."""

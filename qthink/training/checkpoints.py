@@ -116,15 +116,25 @@ class StopCheckpoint(Callback):
                 if isinstance(callback, ModelCheckpoint):
                     callback.save_on_exception = True
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        # A callback (EarlyStopping) ended the fit before max_steps: it is finished, at the step it stopped. The
+        # newest checkpoint was written before that decision, so write it again recording it.
+        if trainer.should_stop and not trainer.received_sigterm and trainer.global_step < trainer.max_steps:
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
+                    trainer.save_checkpoint(callback.last_model_path)
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint[PLAN] = {"max_steps": trainer.max_steps}
+        stopped = trainer.should_stop and not trainer.received_sigterm  # by a callback, at the end of a check
+        checkpoint[PLAN] = {"max_steps": trainer.max_steps, "stopped_early": bool(stopped)}
 
 
 def require_trained(ckpt_path: str | Path, ckpt: dict) -> None:
     """Refuse a checkpoint whose fit stopped before its `max_steps` (SIGTERM, Ctrl-C, a crash, or a periodic
-    checkpoint of a run). Checkpoints written before qthink recorded `max_steps`, and fits bounded by epochs
+    checkpoint of a run); one that early stopping ended is finished. Checkpoints written before qthink recorded `max_steps`, and fits bounded by epochs
     instead, are not checked."""
-    max_steps, step = (ckpt.get(PLAN) or {}).get("max_steps", -1), int(ckpt.get("global_step", 0))
-    require(type(max_steps) is not int or max_steps < 0 or step >= max_steps,
+    plan = ckpt.get(PLAN) or {}
+    max_steps, step = plan.get("max_steps", -1), int(ckpt.get("global_step", 0))
+    require(type(max_steps) is not int or max_steps < 0 or step >= max_steps or plan.get("stopped_early") is True,
             f"{ckpt_path} stopped at step {step} of {max_steps}: resume it with `qthink fit ... --ckpt_path last` "
             "to finish it, or pass --unfinished to export it as it is")
