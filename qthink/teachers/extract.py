@@ -35,6 +35,7 @@ from qthink.core.model import check_model_ref, hidden_size_of, load_base
 from qthink.core.sequences import encode_prompts, right_pad
 from qthink.errors import require
 from qthink.files import atomic_write_text, local_ref, read_json, require_same_settings, writable_dir
+from qthink.identity import comparable, fingerprint, project_ref
 from qthink.tasks.base import THINK_CLOSE, THINK_OPEN
 from qthink.teachers import distributed
 from qthink.teachers.positions import (
@@ -255,13 +256,15 @@ def aggregate_shard(problems: list[dict], owner: list[tuple[int, float]], states
 
 REBUILD = "delete it to rebuild"
 
-def finished_shards(out: Path, settings: dict) -> dict[str, dict]:
-    """Shard entries already written whole (progress files, checked against the settings and sha256)."""
+def finished_shards(out: Path, settings: dict, legacy: dict) -> dict[str, dict]:
+    """Shard entries already written whole (progress files, checked against the settings and sha256;
+    `legacy`: the paths as progress files written before fingerprints recorded them)."""
     found: dict[str, dict] = {}
     for path in [out / PROGRESS, *sorted(out.glob("progress-rank*.json"))]:
         if path.is_file():
             progress = read_json(path, REBUILD)
-            require_same_settings(path, progress.get("settings", {}), settings, "store")
+            have = progress.get("settings", {})
+            require_same_settings(path, have, comparable(have, settings, legacy), "store")
             for entry in progress["shards"]:
                 file = out / entry["file"]
                 if file.is_file() and sha256_file(file) == entry["sha256"]:
@@ -301,20 +304,27 @@ def build_stores(base: str, rollouts: str | Path, specs: list[StoreSpec], dtype:
     rollouts = Path(rollouts)
     rmanifest, entries = read_rollouts(rollouts)
     require(len(entries) > 0, f"{rollouts / ROLLOUTS} holds no problems")
-    common = {"base_model": local_ref(base), "rollouts": local_ref(rollouts),
-              "rollouts_sha256": sha256_file(rollouts / ROLLOUTS)}
-    settings = [{**common, "K": spec.K, "position_scheme": spec.position_scheme, "dtype": dtype,
-                 "model_dtype": model_dtype, "shard_size": shard_size, "hidden_state": HIDDEN_STATE,
-                 "adaptive": spec.adaptive} for spec in specs]
-    if rmanifest.get("base_model") not in (None, str(base), local_ref(base)) and ranks.is_main:
+    # the base and rollouts by content (fingerprint, sha256), their paths relative to the store when in
+    # the same project: a moved project resumes and trains from its new place
+    fp = fingerprint(base)
+    common = {"base_fingerprint": fp, "rollouts_sha256": sha256_file(rollouts / ROLLOUTS)}
+    legacy = {"base_model": local_ref(base), "rollouts": local_ref(rollouts)}  # what earlier manifests recorded
+    settings = [{"base_model": project_ref(base, out), "rollouts": project_ref(rollouts, out), **common, "K": spec.K,
+                 "position_scheme": spec.position_scheme, "dtype": dtype, "model_dtype": model_dtype,
+                 "shard_size": shard_size, "hidden_state": HIDDEN_STATE, "adaptive": spec.adaptive}
+                for spec, out in zip(specs, outs, strict=True)]
+    sampled = rmanifest.get("base_fingerprint")
+    if (sampled != fp if sampled and fp else rmanifest.get("base_model") not in
+            (None, str(base), local_ref(base), project_ref(base, rollouts))) and ranks.is_main:
         print(f"warning: rollouts were sampled from {rmanifest['base_model']}, extracting with {base}")
     if ranks.is_main:
         for out, setting in zip(outs, settings, strict=True):
             out.mkdir(parents=True, exist_ok=True)
             if (out / MANIFEST).is_file():
-                require_same_settings(out / MANIFEST, read_json(out / MANIFEST, REBUILD), setting, "store")
+                have = read_json(out / MANIFEST, REBUILD)
+                require_same_settings(out / MANIFEST, have, comparable(have, setting, legacy), "store")
     distributed.barrier()
-    done = [finished_shards(out, setting) for out, setting in zip(outs, settings, strict=True)]
+    done = [finished_shards(out, setting, legacy) for out, setting in zip(outs, settings, strict=True)]
     n_shards = (len(entries) + shard_size - 1) // shard_size
     mine = [s for s in ranks.units(n_shards) if any(shard_name(s) not in d for d in done)]
     own = [list(d.values()) for d in done]  # each store's progress keeps what it rewrites
@@ -346,14 +356,15 @@ def build_stores(base: str, rollouts: str | Path, specs: list[StoreSpec], dtype:
     manifests = []
     if ranks.is_main:
         hidden = hidden_size_of(base, trust_remote_code)
-        manifests = [finish_store(out, setting, rmanifest, n_shards, hidden) for out, setting in zip(outs, settings, strict=True)]
+        manifests = [finish_store(out, setting, legacy, rmanifest, n_shards, hidden)
+                     for out, setting in zip(outs, settings, strict=True)]
     distributed.barrier()
     return manifests if ranks.is_main else [read_json(out / MANIFEST, REBUILD) for out in outs]
 
 
-def finish_store(out: Path, settings: dict, rmanifest: dict, n_shards: int, hidden: int) -> dict:
+def finish_store(out: Path, settings: dict, legacy: dict, rmanifest: dict, n_shards: int, hidden: int) -> dict:
     """Rank 0, after every rank is done: merge the progress files and write the manifest (last)."""
-    done = finished_shards(out, settings)
+    done = finished_shards(out, settings, legacy)
     names = [shard_name(s) for s in range(n_shards)]
     missing = [n for n in names if n not in done]
     require(not missing, f"{out}: shards {missing[:3]} were not written; rerun `qthink teachers`")
