@@ -47,12 +47,14 @@ def add_tiny_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the weights and the tokenizer corpus")
     p.add_argument("--hidden-size", type=int, default=128, help="hidden size (heads = hidden/32)")
     p.add_argument("--layers", type=int, default=4, help="number of decoder layers")
+    p.add_argument("--force", action="store_true", help="replace a tiny base already in OUT (what was built on "
+                   "it then refuses the new one)")
 
 
 def tiny_base_main(args) -> None:
     from qthink.core.tiny import build_tiny_base
 
-    out = build_tiny_base(args.out, args.seed, args.hidden_size, args.layers)
+    out = build_tiny_base(args.out, args.seed, args.hidden_size, args.layers, args.force)
     print(f"wrote tiny Qwen3 base to {out}")
 
 

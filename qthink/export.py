@@ -1,9 +1,10 @@
 """`qthink export CKPT OUT [--base B] [--dtype D]`: a `qthink fit` checkpoint -> a seed-format checkpoint.
 
 The Lightning checkpoint holds only the trainable weights (LoRA + head) and the module's hyperparameters.
-Export rebuilds the module from those hyperparameters (the base model from its original path, or `--base`
-when it moved), loads the weights, merges LoRA into the base in float32 (`merge_and_unload(safe_merge=True)`,
-which refuses to write NaN/inf), and writes the directory `qthink generate`, `qthink eval` and the seed's
+Export rebuilds the module from those hyperparameters (the base model from its original path, from the
+same place relative to the checkpoint when the project moved, or `--base`; always checked by fingerprint),
+loads the weights, merges LoRA into the base in float32 (`merge_and_unload(safe_merge=True)`, which
+refuses to write NaN/inf), and writes the directory `qthink generate`, `qthink eval` and the seed's
 own usage snippet read (ARCHITECTURE.md contract 3), with `qthink.json` recording how the model was trained.
 A checkpoint of a fit that stopped before its `max_steps` (SIGTERM, Ctrl-C, a periodic checkpoint) is refused
 unless `--unfinished` is given: a half-trained model is never exported by mistake.
@@ -18,8 +19,9 @@ import torch
 from qthink.core.device import DTYPES, parse_dtype
 from qthink.core.model import QThink, check_checkpoint_dir, config_of
 from qthink.errors import UserError, require
+from qthink.identity import fingerprint
 from qthink.ownership import lock_beside
-from qthink.training.checkpoints import read_checkpoint, require_trained, trained_hparams
+from qthink.training.checkpoints import read_checkpoint, require_trained, trained_base, trained_hparams
 from qthink.training.module import QThinkModule
 
 
@@ -27,8 +29,7 @@ def load_module(ckpt_path: str | Path, base: str | None = None) -> tuple[QThinkM
     """The trained module (float32, CPU, eval mode) and its checkpoint."""
     ckpt = read_checkpoint(ckpt_path)
     hparams = trained_hparams(ckpt)
-    if base is not None:
-        hparams["base_model"] = base
+    hparams["base_model"] = trained_base(ckpt_path, ckpt, base)  # found after a move, checked by fingerprint
     module = QThinkModule(**hparams)
     module.configure_model()
     module.on_load_checkpoint(ckpt)  # every trainable weight must be there
@@ -62,7 +63,7 @@ def _export_locked(ckpt_path: str | Path, out: str | Path, base: str | None, dty
             except ValueError as e:  # safe_merge found NaN/inf
                 raise UserError(f"{ckpt_path}: merging LoRA gives non-finite weights ({e}); export an earlier checkpoint") from e
     model = model.to(_base_dtype(module.base_model, module.trust_remote_code) if dtype == "base" else parse_dtype(dtype))
-    info = {**module.training_info(), "trained_steps": int(ckpt.get("global_step", 0)),
+    info = {**module.training_info(), "base_fingerprint": fingerprint(module.base_model), "trained_steps": int(ckpt.get("global_step", 0)),
             "trained_epochs": int(ckpt.get("epoch", 0)), "lightning_checkpoint": str(Path(ckpt_path).resolve())}
     qt = QThink(model, module.tokenizer, module.head, module.latent_steps, info, module.halting_head)
     return qt.save_pretrained(out)
@@ -79,7 +80,8 @@ def _base_dtype(base_model: str, trust_remote_code: bool = False) -> torch.dtype
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="Lightning checkpoint written by `qthink fit` (e.g. RUN/checkpoints/last.ckpt)")
     p.add_argument("out", help="output directory (seed-format checkpoint)")
-    p.add_argument("--base", default=None, help="base model path or repo id, if it moved since training")
+    p.add_argument("--base", default=None, help="base model path or repo id, if it moved since training "
+                   "(must be the same model: checked by fingerprint)")
     p.add_argument("--dtype", default="base", help="base (the base model's dtype) | float32 | bfloat16 | float16")
     p.add_argument("--unfinished", action="store_true",
                    help="export a checkpoint of a fit that stopped before its max_steps (default: refused)")

@@ -170,11 +170,14 @@ def test_init_and_export_never_delete_what_they_did_not_write(tiny_base, tmp_pat
 def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tiny_base, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
+    from qthink.identity import write_checksums
+
     ckpt = tmp_path / "ckpt"
     assert main(["init", str(tiny_base), str(ckpt)]) == 0
     state = load_file(ckpt / "projection_head.safetensors")
     state["mlp.0.weight"][0, 0] = float("nan")
     save_file(state, str(ckpt / "projection_head.safetensors"))
+    write_checksums(ckpt)  # as if written so (a diverged run): the checksums hold, the NaN check refuses it
     assert main(["generate", str(ckpt), "-q", "a=1 b=a+2 b?"]) == 2
     err = capsys.readouterr().err
     assert "weight mlp.0.weight holds NaN or inf" in err and err.strip().count("\n") == 0

@@ -223,9 +223,12 @@ def broken_checkpoints(ckpt, tiny_base, root):
     from safetensors.torch import save_file
 
     from qthink.core.latent import ProjectionHead
+    from qthink.identity import CHECKSUMS
 
-    def copy(name):
-        return shutil.copytree(ckpt, root / name)
+    def copy(name):  # hand-edited, without qthink's checksums: the loader's own checks must catch each
+        folder = shutil.copytree(ckpt, root / name)
+        (folder / CHECKSUMS).unlink()
+        return folder
 
     wrong = copy("wrong-hidden")
     state = {k: v.contiguous() for k, v in ProjectionHead(64).state_dict().items()}

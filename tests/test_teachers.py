@@ -266,9 +266,9 @@ def test_two_processes_match_one(tiny_base, hand, tmp_path):
     assert listing(one / "teachers") == listing(two / "teachers")
 
 
-def test_manifests_record_local_paths_absolute_so_a_store_works_from_any_folder(tiny_base, tmp_path, monkeypatch):
-    """Built with relative paths from one folder, the store trains from another (the data module finds
-    its base model and rollouts)."""
+def test_manifests_record_project_paths_relative_so_a_store_works_from_any_folder(tiny_base, tmp_path, monkeypatch):
+    """Built with relative paths from one folder, the store records its base and rollouts relative to itself
+    (and the base's fingerprint) and trains from another folder (the data module finds its rollouts)."""
     import shutil
 
     from qthink.teachers.extract import build_teachers
@@ -279,8 +279,8 @@ def test_manifests_record_local_paths_absolute_so_a_store_works_from_any_folder(
     monkeypatch.chdir(tmp_path)
     write_reference_rollouts("base", "rollouts", n=4)
     manifest = build_teachers("base", "rollouts", "teachers", K=2, dtype="float32")
-    assert manifest["base_model"] == str((tmp_path / "base").resolve())
-    assert manifest["rollouts"] == str((tmp_path / "rollouts").resolve())
+    assert manifest["base_model"] == "../base" and manifest["rollouts"] == "../rollouts"
+    assert len(manifest["base_fingerprint"]) == 64
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -63,7 +63,7 @@ def tiny_qthink(workdir: str | Path, seed: int = 0, latent_steps: int = 6) -> QT
     from qthink.core.tiny import build_tiny_base
 
     workdir = Path(workdir)
-    base = build_tiny_base(workdir / "base", seed)
+    base = build_tiny_base(workdir / "base", seed, force=True)  # the benchmark's own folder
     ckpt = init_checkpoint(str(base), workdir / "ckpt", seed, latent_steps)
     qt = QThink.from_pretrained(ckpt, torch.float32)
     spread_weights(qt.model, seed)

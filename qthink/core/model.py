@@ -25,6 +25,7 @@ from qthink.core.sampling import Sampler, row_seed
 from qthink.core.sequences import encode_prompts, left_pad, output_text, stop_ids
 from qthink.errors import UserError, require
 from qthink.files import temp_dir_beside, writable_dir
+from qthink.identity import fingerprint, verify_checksums, write_checksums
 from qthink.ownership import lock_beside, write_marker
 
 HEAD_PT, HEAD_ST, META = "projection_head.pt", "projection_head.safetensors", "qthink.json"
@@ -58,6 +59,8 @@ def load_base(path_or_repo: str, dtype: torch.dtype | None = None, trust_remote_
     """(model, tokenizer) from a local directory or a Hugging Face repo id, with a one-line error."""
     check_model_ref(path_or_repo)
     local = Path(path_or_repo)
+    if local.is_dir():  # a damaged or swapped file would load and answer differently, without a word
+        verify_checksums(local)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path_or_repo), dtype=dtype or "auto", trust_remote_code=trust_remote_code
@@ -218,6 +221,7 @@ class QThink(nn.Module):
                     "hidden_size": self.head.hidden_size, "hidden_state": "post-norm last layer",
                     **self.info, **(extra_info or {})}
             (tmp / META).write_text(json.dumps(info, indent=2) + "\n")
+            write_checksums(tmp)
             write_marker(tmp, "checkpoint")
             if out.exists():
                 # the old checkpoint moves aside under a name that carries this process (an empty folder a
@@ -342,5 +346,6 @@ def _init_locked(base: str, out: str | Path, seed: int, latent_steps: int, trust
     model, tokenizer = load_base(base, None, trust_remote_code)
     torch.manual_seed(seed)
     head = ProjectionHead(model.config.hidden_size).to(model.dtype)
-    qt = QThink(model, tokenizer, head, latent_steps, {"base_model": base, "trained": "no (fresh head)", "seed": seed})
+    info = {"base_model": base, "base_fingerprint": fingerprint(base), "trained": "no (fresh head)", "seed": seed}
+    qt = QThink(model, tokenizer, head, latent_steps, info)
     return qt.save_pretrained(out)

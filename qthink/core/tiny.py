@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from qthink.errors import require
 from qthink.files import writable_dir
+from qthink.identity import CHECKSUMS, write_checksums
 
 PAD, IM_START, IM_END, THINK, END_THINK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END, THINK, END_THINK]
@@ -130,28 +131,33 @@ def redraw_weights(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
 
 
-# what `build_tiny_base` writes: a folder holding nothing else is an earlier tiny base it may write over
+# what `build_tiny_base` writes: a folder holding nothing else is an earlier tiny base, replaced only with `force`
 TINY_BASE_FILES = {"chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
-                   "tokenizer.json", "tokenizer_config.json"}
+                   "tokenizer.json", "tokenizer_config.json", CHECKSUMS}
 
 
-def check_output_dir(out: str | Path) -> Path:
-    """`out` if it is new, empty or an earlier tiny base, and writable: any other model or file in it is
-    never overwritten."""
+def check_output_dir(out: str | Path, force: bool = False) -> Path:
+    """`out` if it is new or empty, or (with `force`) an earlier tiny base, and writable: any other model or
+    file in it is never overwritten, and a base only when asked (rollouts, stores and runs built on it
+    then refuse the new one by its fingerprint)."""
     out = writable_dir(out, "output folder")
-    others = sorted((p.name for p in out.iterdir() if p.name not in TINY_BASE_FILES),
-                    key=lambda name: (name.startswith("."), name)) if out.is_dir() else []  # visible names first
+    held = sorted((p.name for p in out.iterdir()), key=lambda name: (name.startswith("."), name)) if out.is_dir() else []
+    others = [name for name in held if name not in TINY_BASE_FILES]  # visible names first
     require(not others, f"{out} holds files a tiny base does not ({', '.join(others[:3])}); nothing was written: "
             "choose a new or empty folder")
+    require(not held or force, f"{out} already holds a tiny base; nothing was written: choose a new folder, or add "
+            "--force to replace it (what was built on it will then refuse the new one)")
     return out
 
 
-def build_tiny_base(out: str | Path, seed: int = 0, hidden_size: int = 128, layers: int = 4) -> Path:
-    """Write the tiny Qwen3 base model and its tokenizer to `out`; the same seed gives the same files."""
+def build_tiny_base(out: str | Path, seed: int = 0, hidden_size: int = 128, layers: int = 4,
+                    force: bool = False) -> Path:
+    """Write the tiny Qwen3 base model and its tokenizer to `out`, with checksums (`qthink.identity`); the
+    same seed gives the same files. An existing base in `out` is replaced only with `force`."""
     require(hidden_size >= 32 and hidden_size % 32 == 0, f"--hidden-size must be a positive multiple of 32 "
             f"(heads are hidden/32; got {hidden_size})")
     require(layers >= 1, f"--layers must be >= 1 (got {layers})")
-    out = check_output_dir(out)
+    out = check_output_dir(out, force)
     tokenizer = build_tokenizer(seed)
     config = tiny_config(len(tokenizer), hidden_size, layers)
     config.pad_token_id = tokenizer.pad_token_id
@@ -164,4 +170,5 @@ def build_tiny_base(out: str | Path, seed: int = 0, hidden_size: int = 128, laye
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    write_checksums(out)
     return out

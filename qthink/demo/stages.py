@@ -142,7 +142,7 @@ def build_base(workdir: Path, s: DemoSettings, seed: int, threads: int = 1) -> d
     from qthink.core.tiny import build_tiny_base
     from qthink.demo.thinking_base import train_thinking_base
 
-    build_tiny_base(workdir / "tiny-base", seed=seed)
+    build_tiny_base(workdir / "tiny-base", seed=seed, force=True)  # this stage's own folder: a rerun redoes it
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

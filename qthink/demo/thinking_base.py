@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from qthink.core.model import load_base
 from qthink.core.sequences import encode_prompts, right_pad
+from qthink.identity import write_checksums
 from qthink.tasks import get_task
 from qthink.tasks.base import thinking_completion
 from qthink.training.module import lr_factor
@@ -77,4 +78,5 @@ def train_thinking_base(base: str | Path, out: str | Path, steps: int = 1000, ba
     Path(out).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    write_checksums(Path(out))
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "problems": problems, "final_loss": losses[-1], "losses": losses}

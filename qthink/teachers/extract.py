@@ -3,21 +3,17 @@
     qthink teachers --base Qwen/Qwen3-1.7B --rollouts rollouts --out teachers -K 6
 
 One teacher-forced pass per rollout over prompt (thinking on) + the rollout's own tokens, under
-`torch.inference_mode()`, through the decoder only: the LM head never runs, so no [tokens, vocab] logits
-exist. Three things keep the pass cheap:
-- a sequence stops at its last think token (causal attention: later tokens cannot change it);
-- batches are length-bucketed (the rollouts of a shard sorted by length) and right-padded, so no
-  attention mask is passed: with causal attention a real token never sees the padding after it, and
-  SDPA / flash attention keep their mask-free causal kernels;
-- only the K rows per rollout are gathered from `last_hidden_state` (post-norm) and kept, in float32.
+`torch.inference_mode()`, through the decoder only (no [tokens, vocab] logits), kept cheap: a sequence stops
+at its last think token; batches are length-bucketed and right-padded with no attention mask (causal: a
+real token never sees the padding after it, and SDPA keeps its mask-free kernels); only the K rows per
+rollout are gathered from `last_hidden_state` (post-norm), in float32.
 Per problem, `uniform` is the mean over its valid rollouts and `weighted` the reward-weighted mean
 (binary rewards: the mean over the correct ones), both in float32, stored in `--dtype`.
 
-Problems are cut into fixed shards of `--shard-size` (in problem-index order); each shard is written
-atomically (`write_shard`) and recorded in a progress file, so a rerun skips whole shards and rebuilds
-the same bytes. Meanwhile the manifest says `complete: false` and names the writer's pid (`unfinished`), so
-`fit` refuses the store until the manifest written last says `complete: true`. Under `torchrun` rank r
-computes shards r, r+W, ...; rank 0 writes the manifest last.
+Problems are cut into fixed shards of `--shard-size` (problem-index order), each written atomically and
+recorded in a progress file: a rerun skips whole shards and rebuilds the same bytes. Until the manifest
+written last says `complete: true`, it names the writer's pid and `fit` refuses the store. Under `torchrun`
+rank r computes shards r, r+W, ...; rank 0 writes the manifest.
 """
 
 import argparse
@@ -46,6 +42,7 @@ from qthink.files import (
     unfinished,
     writable_dir,
 )
+from qthink.identity import comparable, fingerprint, project_ref
 from qthink.ownership import claim
 from qthink.tasks.base import THINK_CLOSE, THINK_OPEN
 from qthink.teachers import distributed
@@ -267,13 +264,15 @@ def aggregate_shard(problems: list[dict], owner: list[tuple[int, float]], states
 
 REBUILD = "delete it to rebuild"
 
-def finished_shards(out: Path, settings: dict) -> dict[str, dict]:
-    """Shard entries already written whole (progress files, checked against the settings and sha256)."""
+def finished_shards(out: Path, settings: dict, legacy: dict) -> dict[str, dict]:
+    """Shard entries already written whole (progress files, checked against the settings and sha256;
+    `legacy`: the paths as progress files written before fingerprints recorded them)."""
     found: dict[str, dict] = {}
     for path in [out / PROGRESS, *sorted(out.glob("progress-rank*.json"))]:
         if path.is_file():
             progress = read_json(path, REBUILD)
-            require_same_settings(path, progress.get("settings", {}), settings, "store")
+            have = progress.get("settings", {})
+            require_same_settings(path, have, comparable(have, settings, legacy), "store")
             for entry in progress["shards"]:
                 file = out / entry["file"]
                 if file.is_file() and sha256_file(file) == entry["sha256"]:
@@ -313,20 +312,27 @@ def build_stores(base: str, rollouts: str | Path, specs: list[StoreSpec], dtype:
     rollouts = Path(rollouts)
     rmanifest, entries = read_rollouts(rollouts)
     require(len(entries) > 0, f"{rollouts / ROLLOUTS} holds no problems")
-    common = {"base_model": local_ref(base), "rollouts": local_ref(rollouts),
-              "rollouts_sha256": sha256_file(rollouts / ROLLOUTS)}
-    settings = [{**common, "K": spec.K, "position_scheme": spec.position_scheme, "dtype": dtype,
-                 "model_dtype": model_dtype, "shard_size": shard_size, "hidden_state": HIDDEN_STATE,
-                 "adaptive": spec.adaptive} for spec in specs]
-    if rmanifest.get("base_model") not in (None, str(base), local_ref(base)) and ranks.is_main:
+    # the base and rollouts by content (fingerprint, sha256), their paths relative to the store when in
+    # the same project: a moved project resumes and trains from its new place
+    fp = fingerprint(base)
+    common = {"base_fingerprint": fp, "rollouts_sha256": sha256_file(rollouts / ROLLOUTS)}
+    legacy = {"base_model": local_ref(base), "rollouts": local_ref(rollouts)}  # what earlier manifests recorded
+    settings = [{"base_model": project_ref(base, out), "rollouts": project_ref(rollouts, out), **common, "K": spec.K,
+                 "position_scheme": spec.position_scheme, "dtype": dtype, "model_dtype": model_dtype,
+                 "shard_size": shard_size, "hidden_state": HIDDEN_STATE, "adaptive": spec.adaptive}
+                for spec, out in zip(specs, outs, strict=True)]
+    sampled = rmanifest.get("base_fingerprint")
+    if (sampled != fp if sampled and fp else rmanifest.get("base_model") not in
+            (None, str(base), local_ref(base), project_ref(base, rollouts))) and ranks.is_main:
         print(f"warning: rollouts were sampled from {rmanifest['base_model']}, extracting with {base}")
     if ranks.is_main:
         for out, setting in zip(outs, settings, strict=True):
             out.mkdir(parents=True, exist_ok=True)
             if (out / MANIFEST).is_file():
-                require_same_settings(out / MANIFEST, read_json(out / MANIFEST, REBUILD), setting, "store")
+                have = read_json(out / MANIFEST, REBUILD)
+                require_same_settings(out / MANIFEST, have, comparable(have, setting, legacy), "store")
     distributed.barrier()
-    done = [finished_shards(out, setting) for out, setting in zip(outs, settings, strict=True)]
+    done = [finished_shards(out, setting, legacy) for out, setting in zip(outs, settings, strict=True)]
     n_shards = (len(entries) + shard_size - 1) // shard_size
     mine = [s for s in ranks.units(n_shards) if any(shard_name(s) not in d for d in done)]
     own = [list(d.values()) for d in done]  # each store's progress keeps what it rewrites
@@ -362,14 +368,15 @@ def build_stores(base: str, rollouts: str | Path, specs: list[StoreSpec], dtype:
     manifests = []
     if ranks.is_main:
         hidden = hidden_size_of(base, trust_remote_code)
-        manifests = [finish_store(out, setting, rmanifest, n_shards, hidden) for out, setting in zip(outs, settings, strict=True)]
+        manifests = [finish_store(out, setting, legacy, rmanifest, n_shards, hidden)
+                     for out, setting in zip(outs, settings, strict=True)]
     distributed.barrier()
     return manifests if ranks.is_main else [read_json(out / MANIFEST, REBUILD) for out in outs]
 
 
-def finish_store(out: Path, settings: dict, rmanifest: dict, n_shards: int, hidden: int) -> dict:
+def finish_store(out: Path, settings: dict, legacy: dict, rmanifest: dict, n_shards: int, hidden: int) -> dict:
     """Rank 0, after every rank is done: merge the progress files and write the manifest (last)."""
-    done = finished_shards(out, settings)
+    done = finished_shards(out, settings, legacy)
     names = [shard_name(s) for s in range(n_shards)]
     missing = [n for n in names if n not in done]
     require(not missing, f"{out}: shards {missing[:3]} were not written; rerun `qthink teachers`")
@@ -403,10 +410,9 @@ def summary_lines(manifest: dict, seconds: float | None = None) -> list[str]:
     if manifest.get("adaptive"):
         lines.append("latent steps per problem (adaptive): " + ", ".join(f"{n}: {c}" for n, c in c["num_steps"].items()))
     if c["without_valid"]:
-        shown = ", ".join(map(str, manifest["problems_without_valid"][:20]))
-        more = " ..." if c["without_valid"] > 20 else ""
+        shown = ", ".join(map(str, manifest["problems_without_valid"][:20])) + (" ..." if c["without_valid"] > 20 else "")
         lines.append(f"warning: {c['without_valid']} problems have no valid rollout (kept with num_valid 0 and "
-                     f"zero targets): {shown}{more}")
+                     f"zero targets): {shown}")
     return lines
 
 

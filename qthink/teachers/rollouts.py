@@ -44,6 +44,7 @@ from qthink.files import (
     unfinished,
     writable_dir,
 )
+from qthink.identity import comparable, fingerprint, project_ref
 from qthink.ownership import claim
 from qthink.tasks.base import THINK_CLOSE, thinking_completion
 from qthink.teachers import distributed
@@ -154,17 +155,20 @@ def holds_rollouts(directory: Path) -> bool:
     return any(f.is_file() and f.stat().st_size > 0 for f in files)
 
 
-def check_manifest(directory: Path, settings: dict, write: bool = True) -> None:
+def check_manifest(directory: Path, settings: dict, base: str, write: bool = True) -> None:
     """Write the settings as the manifest (`write`: rank 0 only), or check them against the manifest already
-    there. A manifest without any rollout beside it (a run refused or stopped before its first problem)
-    records nothing to resume, so a rerun with corrected settings replaces it."""
+    there (the base by its fingerprint, so a moved project or base resumes; `base`: as given, for manifests
+    from before fingerprints). A manifest without any rollout beside it (a run refused or stopped before
+    its first problem) records nothing to resume, so a rerun with corrected settings replaces it."""
     path = directory / MANIFEST
     if write and (not path.is_file() or not holds_rollouts(directory)):
         require(path.is_file() or not (directory / ROLLOUTS).exists(), f"{directory / ROLLOUTS} exists but "
                 f"{MANIFEST} does not; move it away or choose another --out")
         atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
         return
-    require_same_settings(path, read_json(path, "fix it or choose another --out"), settings, "rollouts", UNRECORDED)
+    have = read_json(path, "fix it or choose another --out")
+    want = comparable(have, settings, {"base_model": local_ref(base)})
+    require_same_settings(path, have, want, "rollouts", UNRECORDED)
 
 
 def merge_parts(directory: Path) -> int:
@@ -220,9 +224,10 @@ def write_reference_rollouts(base: str, out: str | Path, task_name: str = "synth
     tokenizer = AutoTokenizer.from_pretrained(base)
     records = task.load(split, data_path)[:n]
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / MANIFEST, json.dumps({"format": FORMAT, "source": "reference", "base_model": local_ref(base),
-                                                  "task": task_name, "split": split, "G": G, "problems": len(records),
-                                                  "complete": True}, indent=2) + "\n")
+    manifest = {"format": FORMAT, "source": "reference", "base_model": project_ref(base, out),
+                "base_fingerprint": fingerprint(base), "task": task_name, "split": split, "G": G,
+                "problems": len(records), "complete": True}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     lines = []
     for i, record in enumerate(records):
         r = reference_rollout(tokenizer, task.think_text(record), task.reference(record))
@@ -281,15 +286,15 @@ def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", da
     context = context_length_of(base)
     require(max_new_tokens < context, f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in "
             f"{base}'s context of {context} tokens; lower it")
-    settings = {"format": FORMAT, "base_model": local_ref(base), "task": task, "task_options": task_options,
-                "split": split, "data_path": local_ref(data_path),
+    settings = {"format": FORMAT, "base_model": project_ref(base, out), "base_fingerprint": fingerprint(base),
+                "task": task, "task_options": task_options, "split": split, "data_path": local_ref(data_path),
                 "G": G, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": dtype,
                 "enable_thinking": True, "decode_mode": decode_mode, "grade_unclosed": grade_unclosed}
     marked = []  # rank 0 marks the manifest unfinished while problems are missing (a finished folder stays so)
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        check_manifest(out, settings)
+        check_manifest(out, settings, base)
         scan(out / ROLLOUTS, tail="repair")  # validate, drop a truncated last line
         if not set(range(len(records))) <= problems_present(out):
             marked = [(out, {**settings, "problems": len(records)})]
@@ -318,7 +323,7 @@ def sample_rollouts(out: Path, base: str, task_obj, records: list, settings: dic
     grade_unclosed = settings["grade_unclosed"]
     distributed.barrier()
     if not ranks.is_main:
-        check_manifest(out, settings, write=False)
+        check_manifest(out, settings, base, write=False)
     mine = out / (ROLLOUTS if ranks.world_size == 1 else part_name(ranks.rank))
     done = {e[0] for e in scan(mine, tail="repair")}
     for path in [out / ROLLOUTS, *out.glob("rollouts.rank-*.jsonl")]:

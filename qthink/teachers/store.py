@@ -14,7 +14,6 @@ the shards, which are whole. The reader checks format, shapes and sha256 on
 open and refuses a store that does not match what the caller expects, naming the field and both values.
 """
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,19 +23,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qthink.errors import UserError, require
-from qthink.files import atomic_write_text, require_finished, temp_path
+from qthink.files import atomic_write_text, require_finished, sha256_file, temp_path
 
 FORMAT_VERSION = 2  # 2: `num_steps` per row and `adaptive` in the manifest
 MANIFEST = "manifest.json"
 FIELDS = ("problem_index", "uniform", "weighted", "weighted_valid", "num_valid", "num_steps")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_name(index: int) -> str:

@@ -4,6 +4,7 @@ trained with."""
 
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -16,12 +17,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qthink.errors import UserError, require
 from qthink.files import atomic_write
+from qthink.identity import fingerprint, require_same_base
 
 HPARAM_EXTRAS = ("_instantiator", "_class_path")  # LightningCLI bookkeeping, not constructor arguments
 # what the weights mean: checked whenever a checkpoint's weights are used with a config
 MODEL_SETTINGS = ("lora", "latent_steps", "adaptive")
 # how they are trained: checked too when a fit resumes (a different objective or schedule would silently
 # continue another run than the one in the checkpoint)
+BASE = "qthink_base"  # checkpoint key: the base model by fingerprint, and where it is from the checkpoint's folder
 TRAINING_SETTINGS = ("distill", "teacher", "gamma", "halt_weight", "lr", "weight_decay", "warmup_ratio", "warmup_steps",
                      "min_lr_ratio", "seed")
 PLAN = "qthink_fit"  # a checkpoint's record of the fit that wrote it: {"max_steps": N}
@@ -50,6 +53,37 @@ def trained_hparams(ckpt: dict) -> dict:
     return {k: v for k, v in ckpt["hyper_parameters"].items() if k not in HPARAM_EXTRAS}
 
 
+def base_record(base: str, ckpt_dir: Path) -> dict:
+    """What a checkpoint records of its base model: the fingerprint and, for a local base, its path
+    relative to the checkpoint's folder (found there again after the project moved)."""
+    record = {"fingerprint": fingerprint(base)}
+    if Path(base).exists():
+        record["relative"] = os.path.relpath(Path(base).resolve(), ckpt_dir.resolve())
+    return record
+
+
+def check_base(ckpt_path: str | Path, ckpt: dict, base: str) -> None:
+    """Refuse a base model other than the one the checkpoint was trained on (by fingerprint)."""
+    require_same_base((ckpt.get(BASE) or {}).get("fingerprint"), base, f"checkpoint {ckpt_path}",
+                      "give the base model it was trained on")
+
+
+def trained_base(ckpt_path: str | Path, ckpt: dict, base: str | None = None) -> str:
+    """The base model to rebuild a checkpoint on, checked by fingerprint: `base` when given, else the one
+    it was trained on, where the config named it or (a moved project) at the same place relative to the
+    checkpoint."""
+    if base is None:
+        base = str(ckpt["hyper_parameters"]["base_model"])
+        relative = (ckpt.get(BASE) or {}).get("relative")
+        if not Path(base).exists() and relative is not None:
+            moved = Path(ckpt_path).parent / relative
+            require(moved.exists(), f"{ckpt_path} was trained on base model {base}, which is not there any more "
+                    "(nor beside the checkpoint where it was); give where it is now with --base PATH")
+            base = str(moved)
+    check_base(ckpt_path, ckpt, base)
+    return base
+
+
 def flat(name: str, value) -> dict:
     """`{"model.lora.r": 32, ...}`: nested settings by dotted name, tuples as lists (YAML gives lists)."""
     if isinstance(value, dict):
@@ -62,6 +96,8 @@ def check_settings(ckpt_path: str | Path, ckpt: dict, settings: dict, resuming: 
     (`settings`: the QThinkModule arguments of this run). Only what the weights mean is compared for
     validate/test; a resumed fit must also train the same way."""
     trained = trained_hparams(ckpt)
+    if settings.get("base_model") is not None:
+        check_base(ckpt_path, ckpt, settings["base_model"])
     for key in MODEL_SETTINGS + (TRAINING_SETTINGS if resuming else ()):
         if key not in trained or key not in settings:
             continue
@@ -77,13 +113,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written like every other qthink file (`atomic_write`: a temporary name in the
     same folder, fsync, rename). Lightning's own save writes a temporary file in the system's temporary
     folder and moves it over the checkpoint, which is a copy where that is another file system: a kill
-    mid-copy left a cut `last.ckpt` for `--ckpt_path last` to fail on."""
+    mid-copy left a cut `last.ckpt` for `--ckpt_path last` to fail on. With `base_model`, each checkpoint
+    records that base by fingerprint (`base_record`)."""
+
+    def __init__(self, base_model: str | None = None):
+        super().__init__()
+        self.base_model = base_model
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self.base_model is not None:
+            checkpoint[BASE] = base_record(self.base_model, path.parent)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # in memory first: a failed write is then an OSError, not torch's RuntimeError
         try:
@@ -92,6 +135,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             kept = "the previous checkpoint is intact; " if path.exists() else ""
             raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; {kept}free space (or choose "
                             "another --trainer.default_root_dir) and resume with --ckpt_path last") from e
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        checkpoint = super().load_checkpoint(path, **({} if map_location is None else {"map_location": map_location}),
+                                             weights_only=weights_only)
+        follow_moved_run(checkpoint, Path(path))
+        return checkpoint
+
+
+def follow_moved_run(checkpoint: dict, path: Path) -> None:
+    """A checkpoint read from a run folder that moved (a project copied elsewhere): its ModelCheckpoint state
+    names the files where the run was, so Lightning would not take `last.ckpt` for its own and would write
+    `last-v1.ckpt` beside it. Where the checkpoint read is one of those files, they are renamed to where it
+    is now."""
+    here = str(path.resolve().parent)
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        was = state.get("dirpath") if isinstance(state, dict) and str(key).startswith("ModelCheckpoint") else None
+        if not isinstance(was, str) or was == here:
+            continue
+        files = [state.get(k) for k in ("last_model_path", "best_model_path", "kth_best_model_path")]
+        if os.path.join(was, path.name) not in [*files, *(state.get("best_k_models") or {})]:
+            continue  # not this run's own checkpoint: left as it is
+
+        def moved(name, was=was):
+            return here + name[len(was):] if isinstance(name, str) and name.startswith(was + os.sep) else name
+
+        state.update({k: moved(state.get(k)) for k in ("last_model_path", "best_model_path", "kth_best_model_path")})
+        state["best_k_models"] = {moved(k): v for k, v in (state.get("best_k_models") or {}).items()}
+        state["dirpath"] = here
 
 
 class StopCheckpoint(Callback):

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from qthink.core.model import generation_config, hidden_size_of
 from qthink.core.sequences import encode_prompts, left_pad, right_pad, stop_ids
 from qthink.errors import UserError, require
+from qthink.identity import require_same_base, resolve_ref
 from qthink.tasks import load_problems
 from qthink.tasks.base import THINK_CLOSE
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
@@ -57,12 +58,6 @@ def same_model(a: str, b: str) -> bool:
         return True
     pa, pb = Path(a), Path(b)
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
-
-
-def resolve_dir(path: str, anchor: Path) -> Path:
-    """`path` as given if it exists, else relative to `anchor` (manifests may store relative paths)."""
-    given = Path(path)
-    return given if given.exists() or given.is_absolute() else anchor / given
 
 
 def load_rollouts(directory: Path, problems: set[int]) -> dict[int, dict]:
@@ -296,11 +291,15 @@ class TeacherDataModule(L.LightningDataModule):
         path = Path(self.teachers)
         require(path.is_dir(), f"teacher store {path} does not exist; build it with `qthink teachers` or fix data.teachers")
         manifest = TeacherStore(path, verify=False).manifest  # cheap first look, to name the base model
-        base = self.base_model or manifest.get("base_model")
+        built_from = resolve_ref(str(manifest.get("base_model")), path)
+        base = self.base_model or (built_from if manifest.get("base_model") is not None else None)
         require(base is not None, f"{path}/manifest.json names no base_model; set model.base_model")
-        built_from = str(manifest.get("base_model"))
-        require(same_model(built_from, base), f"teacher store {path} was built from base model {built_from!r} but the "
-                f"trainer uses {base!r}; rebuild the store for this base or point data.teachers at one built from it")
+        fix = "rebuild the store for this base or point data.teachers at one built from it"
+        if "base_fingerprint" in manifest:  # by content: the base may have moved, or been replaced in place
+            require_same_base(manifest["base_fingerprint"], base, f"teacher store {path}", fix)
+        else:  # a store from before fingerprints: by path
+            require(same_model(built_from, base), f"teacher store {path} was built from base model {built_from!r} "
+                    f"but the trainer uses {base!r}; {fix}")
         self.base_model = base
         expect = {"hidden_size": hidden_size_of(base, self.trust_remote_code)}
         if self.teacher_steps is not None:
@@ -317,7 +316,7 @@ class TeacherDataModule(L.LightningDataModule):
             from qthink.tasks import make_task
 
             named = self.rollouts_dir or store.manifest.get("rollouts")
-            self.rollouts_path = Path(named) if self.rollouts_dir else resolve_dir(named, store.path) if named else None
+            self.rollouts_path = Path(named) if self.rollouts_dir else Path(resolve_ref(named, store.path)) if named else None
             found = self.rollouts_path / "manifest.json" if self.rollouts_path else None
             rollouts_manifest = json.loads(found.read_text()) if found and found.is_file() else {}
             task = self.task_name or store.manifest.get("task") or rollouts_manifest.get("task")

@@ -132,7 +132,7 @@ class QThinkCLI(LightningCLI):
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(AtomicCheckpointIO())
+            plugins.append(AtomicCheckpointIO(getattr(self.model, "base_model", None)))
         trainer = super().instantiate_trainer(**{**kwargs, "plugins": plugins})
         trainer.callbacks.insert(0, StopCheckpoint())  # before the ModelCheckpoints, whose on_exception it enables
         return trainer
