@@ -34,6 +34,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from qthink.arguments import GlobalSeed
 from qthink.errors import UserError, require
 from qthink.files import writable_dir
 from qthink.training.checkpoints import AtomicCheckpointIO, check_settings, read_checkpoint
@@ -52,6 +53,12 @@ def teacher_steps(latent_steps: int, distill: str, adaptive: bool = False) -> in
 
 
 class QThinkCLI(LightningCLI):
+    def add_default_arguments_to_parser(self, parser) -> None:
+        """`seed_everything` as Lightning has it (an integer, or true for a random seed), with the range
+        numpy takes checked when the config is parsed rather than at `seed_everything` after it."""
+        parser.add_argument("--seed_everything", type=bool | GlobalSeed, default=self.seed_everything_default,
+                            help="seed python, numpy and torch with this value (true: a random one) before anything is built")
+
     def add_arguments_to_parser(self, parser) -> None:
         # `expand_extends` acts on the key before parsing; here it is only accepted, and kept out of
         # --print_config and the saved config.yaml (jsonargparse drops SUPPRESSed keys from dumps)
@@ -186,6 +193,14 @@ def one_line(message: str, argv: list[str]) -> str:
     """A jsonargparse error on one line (it spreads nested causes over indented lines), naming the config
     file that holds the key it refuses."""
     text = re.sub(r"Expected a <class '([\w.]+)'>", r"expected \1", " ".join(message.split()))
+    # a value out of a range type's range (`qthink.arguments.range_type`), alone or in a Union with None/bool:
+    # only the range's own sentence, not every subtype's refusal
+    # (in a Union, jsonargparse leaves the value out of the subtype's sentence; it follows as "Given value")
+    ranged = re.match(r"""(Parser key "[\w.]+": ).*?Not of type \w+: (.*?)is not (.+?)(?: - | Given value|$)""", text)
+    if ranged:
+        given = re.search(r"Given value: (\S+)", text)
+        value = ranged.group(2).strip() or (given.group(1) if given else "the value")
+        text = f"{ranged.group(1)}{value} is not {ranged.group(3)}"
     key = re.search(r"""(?:option|Parser key) ['"]([\w.]+)['"]""", text)
     return text + (key_origin(argv, key.group(1)) if key else "")
 
