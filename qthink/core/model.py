@@ -44,6 +44,15 @@ def hidden_size_of(base_model: str, trust_remote_code: bool = False) -> int:
     return int(config_of(base_model, trust_remote_code).hidden_size)
 
 
+def linear_layer_names(base_model: str, trust_remote_code: bool = False) -> set[str]:
+    """Dotted names of `base_model`'s linear layers (what LoRA's `target_modules` name), from its config alone:
+    the model is built on the meta device, so no weight is read or allocated."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config_of(base_model, trust_remote_code),
+                                                 trust_remote_code=trust_remote_code)
+    return {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
 def context_length(config) -> int:
     """The longest sequence a model of `config` takes (its `max_position_embeddings`; unbounded without one)."""
     return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
