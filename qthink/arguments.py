@@ -92,7 +92,7 @@ def finite_float(text: str) -> float:
     return value
 
 
-def seed(text: str) -> int:
+def seed_arg(text: str) -> int:
     """argparse type of `--seed` flags: an integer in [0, 2^63)."""
     try:
         value = int(text)
