@@ -329,5 +329,6 @@ def run_lightning_cli(argv: list[str]) -> QThinkCLI:
     except ArgumentError as e:
         raise UserError(f"{one_line(str(e), argv)} (see `qthink {argv[0]} --help`)") from e
     except OmegaConfBaseException as e:  # `${...}` naming no setting, or not a valid interpolation
-        raise UserError(f"{str(e).splitlines()[0]}: a ${{...}} in a config file or flag names no setting; "
+        first = re.sub(r"key '\.+", "key '", str(e).splitlines()[0])  # relative-path dots jsonargparse adds
+        raise UserError(f"{first}: a ${{...}} in a config file or flag names no setting; "
                         "fix it or set that key") from e
