@@ -44,7 +44,8 @@ CASES = [
     (ROLLOUTS + "--temperature inf", "argument --temperature: 'inf' is not a finite number"),
     (ROLLOUTS + "--seed 18446744073709551616", "argument --seed: 18446744073709551616 is not a seed in [0, 2^63)"),
     # defect 12: an undefined interpolation, a logger whose package is not installed
-    (FIT + "--trainer.logger.init_args.name ${{nosuch.key}}", "Interpolation key 'nosuch.key' not found (resolved to 'fit.trainer.logger.init_args.nosuch.key')"),
+    (FIT + "--trainer.logger.init_args.name ${{nosuch.key}}",
+     "Interpolation key 'nosuch.key' not found (resolved to 'fit.trainer.logger.init_args.nosuch.key')"),
     (FIT + "-c {W}/interp.yaml", "Interpolation key 'nosuch.key' not found"),
     ("!" + FIT + "--trainer.logger lightning.pytorch.loggers.WandbLogger",
      "cannot set up the run with lightning.pytorch.loggers.WandbLogger: Requirement 'wandb"),
