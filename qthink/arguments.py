@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
+
+from jsonargparse.typing import register_type
 
 from qthink.core.latent import DECODE_MODES
 from qthink.errors import UserError, require
@@ -36,3 +40,64 @@ def require_positive(flags: dict[str, int | float | None]) -> None:
     """Counts and budgets given on the command line must be > 0; checked before any model loads."""
     for flag, value in flags.items():
         require(value is None or value > 0, f"{flag} must be > 0 (got {value})")
+
+
+# ---- ranges, checked where a value is parsed (before any file is written) ----
+
+SEED_LIMIT = 2**63  # seeds are in [0, 2^63): torch, numpy's SeedSequence and Python's random all take them
+
+
+def range_type(name: str, base: type, within: Callable[[int | float], bool], meaning: str) -> type:
+    """A type for LightningCLI signatures (`QThinkModule`, `TeacherDataModule`): jsonargparse refuses a value
+    for which `within` is false when it parses the config (before anything is written), saying it is not
+    `meaning`. The parsed value is a plain `base` (checkpoints store the hyperparameters and are read with
+    weights_only=True, which refuses other classes). Float ranges are finite, so inf and nan are refused."""
+    cls = type(name, (base,), {"__doc__": f"{base.__name__}: {meaning}"})
+
+    def parse(value) -> int | float:
+        try:
+            number = base(value)
+        except (TypeError, ValueError):
+            number = None
+        integral = base is float or not isinstance(value, float) or value.is_integer()  # 2.5 is not the integer 2
+        if isinstance(value, bool) or not integral or number is None or not within(number):  # YAML's true is not 1
+            raise ValueError(f"{value} is not {meaning}")
+        return number
+
+    register_type(cls, base, parse)
+    return cls
+
+
+COUNT_LIMIT = 2**31  # counts, sizes and budgets: far above any real one, and within every library's int
+PositiveCount = range_type("PositiveCount", int, lambda v: 0 < v < COUNT_LIMIT, "an integer in [1, 2^31)")
+Count = range_type("Count", int, lambda v: 0 <= v < COUNT_LIMIT, "an integer in [0, 2^31)")
+Seed = range_type("Seed", int, lambda v: 0 <= v < SEED_LIMIT, "a seed in [0, 2^63)")
+# Lightning's `seed_everything` also seeds numpy's legacy generator, which takes 32 bits
+GlobalSeed = range_type("GlobalSeed", int, lambda v: 0 <= v < 2**32, "a seed in [0, 2^32)")
+PositiveFinite = range_type("PositiveFinite", float, lambda v: 0 < v < math.inf, "a finite number > 0")
+NonNegativeFinite = range_type("NonNegativeFinite", float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+Fraction = range_type("Fraction", float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+Probability = range_type("Probability", float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+
+
+def finite_float(text: str) -> float:
+    """argparse type of float flags: a finite number (inf and nan would pass every range check as written, and
+    manifests record them as `Infinity`/`NaN`, which is not JSON)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of `--seed` flags: an integer in [0, 2^63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text} is not a seed in [0, 2^63)")
+    return value

@@ -43,8 +43,10 @@ def quiet_libraries() -> None:
 # ---- the foundation's own subcommands ----
 
 def add_tiny_base_arguments(p: argparse.ArgumentParser) -> None:
+    from qthink.arguments import seed_arg
+
     p.add_argument("out", help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="seed for the weights and the tokenizer corpus")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed for the weights and the tokenizer corpus")
     p.add_argument("--hidden-size", type=int, default=128, help="hidden size (heads = hidden/32)")
     p.add_argument("--layers", type=int, default=4, help="number of decoder layers")
     p.add_argument("--force", action="store_true", help="replace a tiny base already in OUT (what was built on "
@@ -59,9 +61,11 @@ def tiny_base_main(args) -> None:
 
 
 def add_init_arguments(p: argparse.ArgumentParser) -> None:
+    from qthink.arguments import seed_arg
+
     p.add_argument("base", help="base model directory or Hugging Face repo id (e.g. Qwen/Qwen3-1.7B)")
     p.add_argument("out", help="output checkpoint directory")
-    p.add_argument("--seed", type=int, default=0, help="seed for the head's initial weights")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed for the head's initial weights")
     p.add_argument("--latent-steps", type=int, default=6, help="K recorded in qthink.json")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
 

@@ -110,7 +110,7 @@ CASES = [
     ("fit -c {W}/bad-syntax.yaml", "config file {W}/bad-syntax.yaml is not valid YAML at line 3"),
     ("fit -c {CONFIG} -c {W}/list.yaml", "config file {W}/list.yaml holds a list, not a mapping of settings"),
     ("fit -c {CONFIG} -c {W}/unknown-key.yaml", "does not accept option 'trainer.max_stepz' (in {W}/unknown-key.yaml)"),
-    ("fit -c {CONFIG} -c {W}/bool-k.yaml", "model.latent_steps\": expected int. Got value: True (in {W}/bool-k.yaml)"),
+    ("fit -c {CONFIG} -c {W}/bool-k.yaml", "model.latent_steps\": True is not an integer in [0, 2^31) (in {W}/bool-k.yaml)"),
     (FIT + "--trainer.max_steps many", "expected int. Got value: many (see `qthink fit --help`)"),
     ("!" + FIT + "--data.teachers {W}/missing --trainer.default_root_dir {RUN}", "teacher store {W}/missing does not exist"),
     ("!" + FIT + "--data.teachers {K4STORE} --trainer.default_root_dir {RUN}", "K is 4 but the trainer expects 6"),

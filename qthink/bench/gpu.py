@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qthink.arguments import parse_decode_modes
+from qthink.arguments import finite_float, parse_decode_modes
 from qthink.core.device import default_device
 from qthink.core.latent import ProjectionHead
 from qthink.errors import require
@@ -180,7 +180,7 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--infer-new-tokens", type=int, default=256)
     p.add_argument("--decode-modes", default="dynamic,compiled", help="inference decode modes, comma-separated "
                    "(dynamic, static, compiled: see qthink.core.latent); the first is the reference")
-    p.add_argument("--peak-tflops", type=float, default=None, help="card's dense bf16 peak (default: known cards)")
+    p.add_argument("--peak-tflops", type=finite_float, default=None, help="card's dense bf16 peak (default: known cards)")
     p.add_argument("--small", action="store_true", help="tiny shape and sizes; runs on CPU (smoke test)")
     p.add_argument("--json", default=None, help="output JSON (default: $OUT/bench_gpu.json when $OUT is set)")
 

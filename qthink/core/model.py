@@ -37,6 +37,7 @@ def config_of(base_model: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
+        check_model_ref(base_model)
         return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the config of {base_model!r}: {str(e).splitlines()[0]}") from e
@@ -44,6 +45,15 @@ def config_of(base_model: str, trust_remote_code: bool = False):
 
 def hidden_size_of(base_model: str, trust_remote_code: bool = False) -> int:
     return int(config_of(base_model, trust_remote_code).hidden_size)
+
+
+def linear_layer_names(base_model: str, trust_remote_code: bool = False) -> set[str]:
+    """Dotted names of `base_model`'s linear layers (what LoRA's `target_modules` name), from its config alone:
+    the model is built on the meta device, so no weight is read or allocated."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config_of(base_model, trust_remote_code),
+                                                 trust_remote_code=trust_remote_code)
+    return {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
 
 
 def context_length(config) -> int:
@@ -79,18 +89,48 @@ def load_base(path_or_repo: str, dtype: torch.dtype | None = None, trust_remote_
 
 
 def looks_local(path_or_repo: str) -> bool:
-    """A reference that can only be a path (a hub id is `name` or `org/name`)."""
-    return Path(path_or_repo).is_absolute() or path_or_repo.startswith(".") or path_or_repo.count("/") > 1
+    """A reference that can only be a path: a hub id is `name` or `owner/name`, so anything absolute, starting
+    with `.` or `~`, with a backslash or more than one `/`, or whose first folder exists here (`runs/tiny-bsae`
+    beside `runs/`) is a local folder."""
+    parts = Path(path_or_repo).parts
+    return (Path(path_or_repo).is_absolute() or path_or_repo.startswith((".", "~")) or "\\" in path_or_repo
+            or path_or_repo.count("/") > 1 or (len(parts) > 1 and Path(parts[0]).exists()))
+
+
+HUB_TIMEOUT_S = 5  # one request to the hub when a hub id is not in the cache (its own default retries ~48 s)
 
 
 def check_model_ref(path_or_repo: str | Path) -> None:
-    """A local model directory, or something that can be a hub id; one line otherwise. Cheap: commands call
-    it before they write anything, so a mistyped model path leaves no manifest naming it behind."""
-    local = Path(path_or_repo)
+    """A local model directory, or a hub id that is in the Hugging Face cache or on a reachable hub; one line
+    otherwise, at once for a path and within a few seconds for a hub id. Commands call it before they write
+    anything (so a mistyped model leaves no manifest naming it) and before any other hub access (whose
+    retries would take most of a minute offline, then report something else)."""
+    ref, local = str(path_or_repo), Path(path_or_repo)
     if local.exists():
         require(local.is_dir(), f"{local} is a file; give the model directory")
         require((local / "config.json").is_file(), f"{local} has no config.json: it is not a model directory")
-    require(local.exists() or not looks_local(str(path_or_repo)), f"{path_or_repo}: no such directory")
+        return
+    require(not looks_local(ref), f"{ref}: no such directory")
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    neither = f"no local folder {ref}, and"
+    try:
+        if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            return  # cached: loads offline
+    except HFValidationError as e:
+        raise UserError(f"{neither} {ref!r} is not a Hugging Face repo id ({str(e).splitlines()[0]})") from e
+    require(not constants.is_offline_mode(), f"{neither} not in the Hugging Face cache (HF_HUB_OFFLINE is set); "
+            "check the name, or download it while online")
+    try:
+        HfApi().model_info(ref, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return  # it exists; loading it reports the access it needs
+    except RepositoryNotFoundError as e:
+        raise UserError(f"{neither} no model {ref} on the Hugging Face hub; check the name") from e
+    except Exception as e:  # no network, DNS, timeout, proxy: the hub cannot say
+        raise UserError(f"{neither} not in the Hugging Face cache, and the hub is unreachable "
+                        f"({type(e).__name__}); check the name or the network") from e
 
 
 def _fetch(path_or_repo: str, filename: str) -> Path | None:
@@ -161,6 +201,7 @@ class QThink(nn.Module):
             require(local.is_dir(), f"{local} is a file; give the checkpoint directory")
             require((local / "config.json").is_file(), f"{local} is not a qthink checkpoint (no config.json); "
                     "create one with `qthink init BASE OUT` or `qthink export`")
+        check_model_ref(path_or_repo)  # a mistyped folder or an unreachable hub id: at once, not after retries
         head_file = _fetch(path_or_repo, HEAD_ST) or _fetch(path_or_repo, HEAD_PT)
         require(head_file is not None, f"{path_or_repo} has no {HEAD_ST} or {HEAD_PT}: it is a base model, not a "
                 "qthink checkpoint; wrap it with `qthink init BASE OUT`")

@@ -110,9 +110,11 @@ def _run_demo(workdir: Path, s: DemoSettings, quick: bool, seed: int, force: boo
 
 
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    from qthink.arguments import seed_arg
+
     p.add_argument("--workdir", default="runs/demo", help="where every stage writes (resumable)")
     p.add_argument("--quick", action="store_true", help="toy sizes: the same pipeline end to end in about 3-5 minutes")
-    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of every stage")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--chain-steps", default=None,
                    help="operations per synthetic chain: a number or a range LOW-HIGH, each problem's length drawn "

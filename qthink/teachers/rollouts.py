@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qthink.arguments import add_decode_mode_argument
+from qthink.arguments import add_decode_mode_argument, finite_float, seed_arg
 from qthink.core.device import parse_dtype
 from qthink.core.latent import generate
 from qthink.core.model import check_decode_mode, check_model_ref, context_length_of, load_base
@@ -380,12 +380,12 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-path", default=None, help="task data file or folder (default: the task's hub copy)")
     p.add_argument("--out", required=True, help="output rollouts directory")
     p.add_argument("-G", type=int, default=16, help="rollouts per problem (default 16)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=finite_float, default=0.6)
+    p.add_argument("--top-p", type=finite_float, default=0.95)
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=4096, help="token budget per rollout")
     p.add_argument("--batch-size", type=int, default=8, help="problems per batch (x G rows); fixed for a directory")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (per row: problem index and sample index)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="sampling seed (per row: problem index and sample index)")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems (a rerun can extend)")
     p.add_argument("--dtype", default="auto", help="model dtype: float32 | bfloat16 | float16 | auto")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")

@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from qthink.arguments import Count, PositiveCount, Seed
 from qthink.core.model import generation_config, hidden_size_of
 from qthink.core.sequences import encode_prompts, left_pad, right_pad, stop_ids
 from qthink.errors import UserError, require
@@ -246,25 +247,22 @@ class TeacherDataModule(L.LightningDataModule):
         base_model: str | None = None,
         teacher_steps: int | None = None,
         adaptive: bool = False,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        max_prompt_tokens: int = 1024,
-        max_answer_tokens: int = 256,
+        batch_size: PositiveCount = 1,
+        num_workers: Count = 0,
+        max_prompt_tokens: PositiveCount = 1024,
+        max_answer_tokens: PositiveCount = 256,
         answer_source: Literal["rollout", "reference"] = "rollout",
-        train_limit: int | None = None,
+        train_limit: PositiveCount | None = None,
         val_split: str = "test",
-        val_limit: int | None = 64,
+        val_limit: PositiveCount | None = 64,
         test_split: str = "test",
-        test_limit: int | None = None,
-        val_batch_size: int | None = None,
+        test_limit: PositiveCount | None = None,
+        val_batch_size: PositiveCount | None = None,
         shuffle: bool = True,
-        seed: int = 0,
+        seed: Seed = 0,
         trust_remote_code: bool = False,
     ):
         super().__init__()
-        require(batch_size > 0, f"data.batch_size must be > 0 (got {batch_size})")
-        require(max_answer_tokens > 0, f"data.max_answer_tokens must be > 0 (got {max_answer_tokens})")
-        require(train_limit is None or train_limit > 0, f"data.train_limit must be > 0 or null (got {train_limit})")
         self.save_hyperparameters()
         self.teachers, self.rollouts_dir, self.task_name, self.data_path = teachers, rollouts, task, data_path
         self.task_options, self.base_model, self.teacher_steps = task_options or {}, base_model, teacher_steps

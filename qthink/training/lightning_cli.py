@@ -26,6 +26,7 @@ ModelCheckpoints save there (`last.ckpt`, so `--ckpt_path last` continues exactl
 
 import argparse
 import logging
+import math
 import re
 import warnings
 from contextlib import ExitStack
@@ -33,11 +34,15 @@ from pathlib import Path
 
 import yaml
 from jsonargparse import ArgumentError, set_parsing_settings
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf.errors import OmegaConfBaseException
 
+from qthink.arguments import GlobalSeed
+from qthink.core.model import linear_layer_names
 from qthink.errors import UserError, require
 from qthink.files import writable_dir
 from qthink.ownership import claim
@@ -49,6 +54,13 @@ from qthink.training.module import QThinkModule
 TRAINER_DEFAULTS = {"use_distributed_sampler": False}  # TeacherDataModule shards the data itself, resumably
 CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 EXTENDS = "extends"  # the top-level config-file key naming the file it builds on
+# trainer settings and their ranges (`QThinkCLI.before_instantiate_classes`)
+TRAINER_RANGES = {
+    "accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
+    "check_val_every_n_epoch": (lambda v: v >= 1, "an integer >= 1 or null"),
+    "val_check_interval": (lambda v: 0 < v < math.inf, "a number > 0 or null"),
+    "gradient_clip_val": (lambda v: 0 <= v < math.inf, "a finite number >= 0 or null"),
+}
 
 
 def teacher_steps(latent_steps: int, distill: str, adaptive: bool = False) -> int | None:
@@ -58,6 +70,12 @@ def teacher_steps(latent_steps: int, distill: str, adaptive: bool = False) -> in
 
 
 class QThinkCLI(LightningCLI):
+    def add_default_arguments_to_parser(self, parser) -> None:
+        """`seed_everything` as Lightning has it (an integer, or true for a random seed), with the range
+        numpy takes checked when the config is parsed rather than at `seed_everything` after it."""
+        parser.add_argument("--seed_everything", type=bool | GlobalSeed, default=self.seed_everything_default,
+                            help="seed python, numpy and torch with this value (true: a random one) before anything is built")
+
     def add_arguments_to_parser(self, parser) -> None:
         # `expand_extends` acts on the key before parsing; here it is only accepted, and kept out of
         # --print_config and the saved config.yaml (jsonargparse drops SUPPRESSed keys from dumps)
@@ -97,13 +115,31 @@ class QThinkCLI(LightningCLI):
                 "--trainer.default_root_dir")
         if self.config["fit"].get("ckpt_path") == "last" and last is not None and last.exists():
             self.check_checkpoint(last)
+        self.check_lora_targets()
         self.datamodule.open_store()  # a bad store is refused before the logger writes its first file
 
     def before_validate(self) -> None:
+        self.check_lora_targets()
         self.datamodule.open_store()
 
     def before_test(self) -> None:
+        self.check_lora_targets()
         self.datamodule.open_store()
+
+    def check_lora_targets(self) -> None:
+        """`model.lora.target_modules` must name linear layers of the base (peft would refuse them only once
+        the base is loaded, after the logger and config.yaml are written); checked from the base's config."""
+        model = self.config[self.config.subcommand]["model"]
+        targets, base = list(model.lora.target_modules), model.base_model
+        if model.lora.r == 0:
+            return  # no adapters: the head trains alone
+        require(bool(targets), "model.lora.target_modules is empty; name the linear layers that get adapters "
+                "(or set model.lora.r 0 to train the head alone)")
+        names = linear_layer_names(base, model.trust_remote_code)
+        for target in targets:  # peft's rule for a list of names: the whole dotted name or its last parts
+            require(any(n == target or n.endswith(f".{target}") for n in names),
+                    f"model.lora.target_modules: {target!r} is not a linear layer of {base}; choose from "
+                    f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))}")
 
     def output_dirs(self) -> dict[str, str]:
         """The folders a fit writes into, by the setting that names them."""
@@ -126,6 +162,27 @@ class QThinkCLI(LightningCLI):
         subcommand = self.config.subcommand
         settings = self.config[subcommand]["model"].as_dict()
         check_settings(path, read_checkpoint(path), settings, resuming=subcommand == "fit")
+
+    def before_instantiate_classes(self) -> None:
+        """Trainer settings Lightning checks only once training runs, after the logger has written (a
+        ZeroDivisionError), or not at all (a negative clip value flips the gradients)."""
+        trainer = self.config[self.config.subcommand]["trainer"]
+        for key, (within, meaning) in TRAINER_RANGES.items():
+            value = trainer.get(key)
+            number = isinstance(value, int | float) and not isinstance(value, bool)  # not a time or a dict
+            require(not number or within(value), f"trainer.{key}: {value} is not {meaning}")
+
+    def instantiate_classes(self) -> None:
+        """Build the model, data and trainer; one that cannot be built from the settings (a logger or callback
+        whose package is not installed, trainer settings Lightning refuses) is one line, before any file."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, ImportError, MisconfigurationException) as e:
+            named = re.search(r"class_path '([\w.]+)'", str(e))
+            while e.__cause__ is not None:  # jsonargparse wraps the class's own error: that says what to do
+                e = e.__cause__
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise UserError(f"cannot set up the run{' with ' + named.group(1) if named else ''}: {reason}") from e
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The Trainer, saving checkpoints atomically in place (unless the config names its own CheckpointIO)."""
@@ -201,6 +258,14 @@ def one_line(message: str, argv: list[str]) -> str:
     """A jsonargparse error on one line (it spreads nested causes over indented lines), naming the config
     file that holds the key it refuses."""
     text = re.sub(r"Expected a <class '([\w.]+)'>", r"expected \1", " ".join(message.split()))
+    # a value out of a range type's range (`qthink.arguments.range_type`), alone or in a Union with None/bool:
+    # only the range's own sentence, not every subtype's refusal
+    # (in a Union, jsonargparse leaves the value out of the subtype's sentence; it follows as "Given value")
+    ranged = re.match(r"""(Parser key "[\w.]+": ).*?Not of type \w+: (.*?)is not (.+?)(?: - | Given value|$)""", text)
+    if ranged:
+        given = re.search(r"Given value: (\S+)", text)
+        value = ranged.group(2).strip() or (given.group(1) if given else "the value")
+        text = f"{ranged.group(1)}{value} is not {ranged.group(3)}"
     key = re.search(r"""(?:option|Parser key) ['"]([\w.]+)['"]""", text)
     return text + (key_origin(argv, key.group(1)) if key else "")
 
@@ -278,3 +343,7 @@ def run_lightning_cli(argv: list[str]) -> QThinkCLI:
             )
     except ArgumentError as e:
         raise UserError(f"{one_line(str(e), argv)} (see `qthink {argv[0]} --help`)") from e
+    except OmegaConfBaseException as e:  # `${...}` naming no setting, or not a valid interpolation
+        first = re.sub(r"key '\.+", "key '", str(e).splitlines()[0])  # relative-path dots jsonargparse adds
+        raise UserError(f"{first}: a ${{...}} in a config file or flag names no setting; "
+                        "fix it or set that key") from e

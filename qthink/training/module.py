@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from qthink import arguments as ranges  # types whose range jsonargparse checks when it parses the config
 from qthink.core.latent import (
     HaltingHead,
     ProjectionHead,
@@ -61,9 +62,9 @@ class LoraArgs:
         target_modules: Linear layers that get adapters: every attention and MLP projection of a Qwen3 block.
     """
 
-    r: int = 32
-    alpha: int = 16
-    dropout: float = 0.0
+    r: ranges.Count = 32
+    alpha: ranges.PositiveCount = 16
+    dropout: ranges.Probability = 0.0
     target_modules: tuple[str, ...] = QWEN3_PROJECTIONS
 
 
@@ -186,36 +187,31 @@ class QThinkModule(L.LightningModule):
         self,
         base_model: str,
         lora: LoraArgs = LoraArgs(),  # noqa: B008 (frozen dataclass: a shared default is safe)
-        latent_steps: int = 6,
+        latent_steps: ranges.Count = 6,
         adaptive: bool = False,
-        halt_weight: float = 1.0,
+        halt_weight: ranges.NonNegativeFinite = 1.0,
         distill: Distill = "per_step",
         teacher: Teacher = "uniform",
-        gamma: float = 2.0,
-        lr: float = 2e-4,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.03,
-        warmup_steps: int | None = None,
-        min_lr_ratio: float = 0.0,
-        seed: int = 0,
-        val_max_new_tokens: int = 256,
+        gamma: ranges.NonNegativeFinite = 2.0,
+        lr: ranges.PositiveFinite = 2e-4,
+        weight_decay: ranges.NonNegativeFinite = 0.0,
+        warmup_ratio: ranges.Fraction = 0.03,
+        warmup_steps: ranges.Count | None = None,
+        min_lr_ratio: ranges.Fraction = 0.0,
+        seed: ranges.Seed = 0,
+        val_max_new_tokens: ranges.PositiveCount = 256,
         val_task: str | None = None,
-        val_log_samples: int = 4,
+        val_log_samples: ranges.Count = 4,
         trust_remote_code: bool = False,
     ):
         super().__init__()
         lora_args = LoraArgs(**lora) if isinstance(lora, dict) else lora
         lora = asdict(lora_args)  # hparams hold plain types (checkpoints load with weights_only=True)
-        require(latent_steps >= 0, f"model.latent_steps must be >= 0 (got {latent_steps})")
         require(distill == "none" or latent_steps > 0,
                 f"model.distill={distill} needs model.latent_steps > 0; use distill: none for K=0 (plain SFT)")
-        require(gamma >= 0, f"model.gamma must be >= 0 (got {gamma})")
         require(not adaptive or (latent_steps > 0 and distill != "final_step"),
                 "model.adaptive needs model.latent_steps > 0 (the most steps a problem may take) and distill "
                 "per_step or none (each problem's last step differs)")
-        require(halt_weight >= 0, f"model.halt_weight must be >= 0 (got {halt_weight})")
-        require(lora_args.r >= 0, f"model.lora.r must be >= 0 (got {lora_args.r})")
-        require(0 <= min_lr_ratio <= 1, f"model.min_lr_ratio must be in [0, 1] (got {min_lr_ratio})")
         self.save_hyperparameters()
         self.base_model, self.lora = base_model, lora_args
         self.latent_steps, self.distill, self.teacher, self.gamma = latent_steps, distill, teacher, gamma
