@@ -178,9 +178,10 @@ def write_report(workdir: Path, table: str, rows: list[dict], cost: dict, settin
     lines += cost_section(cost)
     if ablation:
         lines += ["## Over seeds", "", ablation, ""]
-    lines += ["## Validation during training (exact match on 64 held-out problems)", "",
-              f"A fit stops early when validation reaches 100% or has not improved for {settings.get('patience', 0)} "
-              "checks (0: never); its last checkpoint is the one evaluated.", ""]
+    lines += ["## Validation during training (exact match on 64 held-out problems)", ""]
+    if settings.get("patience"):
+        lines += [f"A fit stops early when validation reaches 100% or has not improved for {settings['patience']} "
+                  "checks; its last checkpoint is the one evaluated.", ""]
     for r in rows:
         curve = (r.get("fit") or {}).get("val_exact_match")
         if curve:

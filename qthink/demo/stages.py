@@ -33,7 +33,7 @@ class DemoSettings:
     eval_problems: int = 300  # held-out synthetic test problems (disjoint from training by construction)
     max_new_tokens: int = 50  # generation budget (a thinking answer is about 8 tokens per step + 5; 4 steps: ~37)
     val_every: int = 250  # validation (64 held-out problems) every this many steps
-    patience: int = 2  # a fit stops early at 100% on validation, or after this many checks without a gain (0: never)
+    patience: int = 0  # > 0: a fit stops early at 100% on validation, or after this many checks without a gain (F20)
 
     @property
     def steps_K(self) -> int:
