@@ -4,9 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
+import re
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import yaml
+from jsonargparse import ArgumentError, ArgumentParser
 from jsonargparse.typing import register_type
 
 from qthink.core.latent import DECODE_MODES
@@ -101,3 +108,136 @@ def seed_arg(text: str) -> int:
     if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"{text} is not a seed in [0, 2^63)")
     return value
+
+
+# ---- jsonargparse's errors as one line (LightningCLI's and the signature commands') ----
+
+def config_files(argv: list[str]) -> list[str]:
+    """The config files named by -c/--config, in order."""
+    files = [value for flag, value in zip(argv, argv[1:], strict=False) if flag in ("-c", "--config")]
+    return files + [arg.split("=", 1)[1] for arg in argv if arg.startswith(("--config=", "-c="))]
+
+
+def read_config_file(value: str) -> dict:
+    """A config file that exists and is YAML, with the file named in the error (the parser names neither)."""
+    path = Path(value)
+    require(path.is_file(), f"config file {value} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {value} is not UTF-8 text (byte {e.start})") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config file {value} is not valid YAML{where}: {problem}") from e
+    require(data is None or isinstance(data, dict), f"config file {value} holds a {type(data).__name__}, not a "
+            "mapping of settings (trainer:, model:, data:)")
+    return data or {}
+
+
+def key_origin(argv: list[str], key: str) -> str:
+    """` (in FILE)` for the last config file that sets the dotted `key`, else nothing (a command-line flag)."""
+    if any(arg == f"--{key}" or arg.startswith(f"--{key}=") for arg in argv):
+        return ""  # the command line wins over every file
+    for value in reversed(config_files(argv)):
+        node = read_config_file(value)
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return f" (in {value})"
+    return ""
+
+
+def one_line(message: str, argv: list[str]) -> str:
+    """A jsonargparse error on one line (it spreads nested causes over indented lines), naming the config
+    file that holds the key it refuses."""
+    text = re.sub(r"Expected a <class '([\w.]+)'>", r"expected \1", " ".join(message.split()))
+    # a value out of a range type's range (`qthink.arguments.range_type`), alone or in a Union with None/bool:
+    # only the range's own sentence, not every subtype's refusal
+    # (in a Union, jsonargparse leaves the value out of the subtype's sentence; it follows as "Given value")
+    ranged = re.match(r"""(Parser key "[\w.]+": ).*?Not of type \w+: (.*?)is not (.+?)(?: - | Given value|$)""", text)
+    if ranged:
+        given = re.search(r"Given value: (\S+)", text)
+        value = ranged.group(2).strip() or (given.group(1) if given else "the value")
+        text = f"{ranged.group(1)}{value} is not {ranged.group(3)}"
+    key = re.search(r"""(?:option|Parser key) ['"]([\w.]+)['"]""", text)
+    return text + (key_origin(argv, key.group(1)) if key else "")
+
+
+# ---- commands built from a function's signature (jsonargparse, as LightningCLI builds fit) ----
+
+@dataclass(frozen=True)
+class SignatureCommand:
+    """A subcommand whose flags are `function`'s parameters (their defaults, types and docstring `Args:`),
+    parsed by jsonargparse with `-c FILE` and `--print_config`; the command calls `function` by keyword.
+
+    `skip`: parameters that are not settings (callbacks). `positional`: the required parameters are positional
+    arguments instead of required flags. `aliases`: older spellings kept working, "-G": "--G"; a target ending in
+    "." takes KEY=VALUE into that dict, "--task-option": "--task_options." (`--task-option steps=6`). Any
+    `--snake_case` flag may also be written `--kebab-case`, and a bool flag alone means true.
+    """
+
+    function: Callable
+    skip: frozenset[str] = frozenset()
+    positional: bool = False
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, type]:
+        """The flag-named parameters and their types (the required ones excluded when they are positional)."""
+        hints = typing.get_type_hints(self.function)
+        params = inspect.signature(self.function).parameters.values()
+        return {p.name: hints.get(p.name) for p in params if p.name not in self.skip
+                and not (self.positional and p.default is inspect.Parameter.empty)}
+
+    def parser(self, prog: str, description: str) -> ArgumentParser:
+        spellings = ", ".join(f"{old} KEY=VALUE = {new}KEY VALUE" if new.endswith(".") else f"{old} = {new}"
+                              for old, new in self.aliases.items())
+        parser = ArgumentParser(prog=prog, description=description, exit_on_error=False,
+                                epilog=f"Flags may be written --a-b for --a_b; a bool flag alone means true. {spellings}")
+        parser.add_argument("-c", "--config", action="config", help="a YAML file of these settings (as --print_config "
+                            "writes them); repeatable, later files and flags win")
+        parser.add_function_arguments(self.function, skip=set(self.skip), as_positional=self.positional)
+        return parser
+
+    def respell(self, argv: list[str]) -> list[str]:
+        """`argv` in the parser's own spellings (see the class)."""
+        types, out, i = self.settings(), [], 0
+        while i < len(argv):
+            arg, i = argv[i], i + 1
+            if arg == "--":
+                return out + argv[i - 1 :]
+            if not arg.startswith("-"):
+                out.append(arg)
+                continue
+            name, eq, value = arg.partition("=")
+            target = self.aliases.get(name, name)
+            if target.endswith("."):  # KEY=VALUE into a dict setting
+                pair = value if eq else argv[i] if i < len(argv) else ""
+                i += not eq
+                key, sep, item = pair.partition("=")
+                require(bool(sep) and key.strip() != "", f"{name} must be KEY=VALUE (got {pair!r}), e.g. steps=6")
+                out.append(f"{target}{key.strip()}={item}")
+                continue
+            if target.startswith("--") and target[2:].replace("-", "_") in types:
+                target = "--" + target[2:].replace("-", "_")
+            if types.get(target[2:]) is bool and not eq:  # `--flag` alone is true, as argparse's store_true had it
+                given = i < len(argv) and argv[i].lower() in ("true", "false")
+                eq, value, i = "=", argv[i] if given else "true", i + given
+            out.append(f"{target}{eq}{value}")
+        return out
+
+    def parse(self, parser: ArgumentParser, argv: list[str]) -> dict:
+        """The settings of `argv` as keyword arguments of `function`; a mistake is one line (`UserError`)."""
+        argv = self.respell(argv)
+        try:
+            config = parser.parse_args(argv)
+        except ArgumentError as e:
+            message = str(e)
+            if message.startswith("the following arguments are required:"):  # as flags, the way they are typed
+                flags = self.settings()
+                message = re.sub(r"\b\w+\b", lambda m: f"--{m[0]}" if m[0] in flags else m[0], message)
+            raise UserError(f"{one_line(message, argv)} (see `{parser.prog} --help`)") from e
+        settings = config.as_dict()
+        settings.pop("config", None)
+        return settings

@@ -1,7 +1,9 @@
 """The `qthink` command: one subcommand per pipeline stage (ARCHITECTURE.md contract 4).
 
 `fit`, `validate` and `test` are LightningCLI (`qthink.training.lightning_cli`); every other subcommand lives in the
-module that implements it, which exposes `add_cli_arguments(parser)` and `cli_main(args) -> int | None`.
+module that implements it, which exposes `cli_main(settings) -> int | None` and either `COMMAND`, a
+`qthink.arguments.SignatureCommand` whose function's signature is the command's flags (`-c FILE`, `--print_config`;
+rollouts, teachers), or `add_cli_arguments(parser)` (argparse; the commands not yet converted).
 User mistakes raise `qthink.errors.UserError` and are printed here as one line, exit status 2; Ctrl-C exits 130 and
 SIGTERM, handled the same way (`qthink.signals`), 143.
 """
@@ -152,15 +154,28 @@ def top_level_help() -> str:
     return "\n".join(lines)
 
 
-def command_parser(name: str) -> argparse.ArgumentParser:
-    """The parser of one subcommand; only that subcommand's module is imported."""
+def command_parser(name: str):
+    """The parser of one subcommand; only that subcommand's module is imported. A module with a `COMMAND`
+    (`qthink.arguments.SignatureCommand`) has its flags built from its function's signature (jsonargparse);
+    the others still add argparse flags in `add_cli_arguments`."""
     from qthink.arguments import OneLineParser
 
     module, help_text = COMMANDS[name]
+    command = None if name in LOCAL else getattr(importlib.import_module(module), "COMMAND", None)
+    if command is not None:
+        return command.parser(f"qthink {name}", help_text)
     parser = OneLineParser(prog=f"qthink {name}", description=help_text)
     add_arguments = LOCAL[name][0] if name in LOCAL else importlib.import_module(module).add_cli_arguments
     add_arguments(parser)
     return parser
+
+
+def parse_command(name: str, argv: list[str]):
+    """The settings of `qthink NAME ARGV...`: a dict of keyword arguments for a signature command, else
+    argparse's namespace."""
+    parser = command_parser(name)
+    command = None if name in LOCAL else getattr(importlib.import_module(COMMANDS[name][0]), "COMMAND", None)
+    return command.parse(parser, argv) if command is not None else parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 run_lightning_cli(argv)
                 return 0
-            args = command_parser(name).parse_args(argv[1:])
+            args = parse_command(name, argv[1:])
             run = LOCAL[name][1] if name in LOCAL else importlib.import_module(COMMANDS[name][0]).cli_main
             return int(run(args) or 0)
     except UserError as e:

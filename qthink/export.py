@@ -10,12 +10,12 @@ A checkpoint of a fit that stopped before its `max_steps` (SIGTERM, Ctrl-C, a pe
 unless `--unfinished` is given: a half-trained model is never exported by mistake.
 """
 
-import argparse
 import warnings
 from pathlib import Path
 
 import torch
 
+from qthink.arguments import SignatureCommand
 from qthink.core.device import DTYPES, parse_dtype
 from qthink.core.model import QThink, check_checkpoint_dir, config_of
 from qthink.errors import UserError, require
@@ -41,8 +41,13 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, base: str | None =
                       unfinished: bool = False) -> Path:
     """Write the seed-format checkpoint of a `qthink fit` checkpoint to `out`; returns `out`.
 
-    `dtype`: `base` (the base model's stored dtype, e.g. bfloat16 for Qwen3-1.7B) or float32/bfloat16/float16.
-    A checkpoint of a fit that stopped before its `max_steps` is refused unless `unfinished`.
+    Args:
+        ckpt_path: Lightning checkpoint written by `qthink fit` (e.g. RUN/checkpoints/last.ckpt)
+        out: output directory (seed-format checkpoint)
+        base: base model path or repo id, if it moved since training (must be the same model: checked by
+            fingerprint)
+        dtype: base (the base model's stored dtype, e.g. bfloat16 for Qwen3-1.7B) | float32 | bfloat16 | float16
+        unfinished: export a checkpoint of a fit that stopped before its max_steps (default: refused)
     """
     with lock_beside(out, "checkpoint folder"):  # one export into `out` at a time, from the first check to the rename
         return _export_locked(ckpt_path, out, base, dtype, unfinished)
@@ -77,18 +82,11 @@ def _base_dtype(base_model: str, trust_remote_code: bool = False) -> torch.dtype
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def add_cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="Lightning checkpoint written by `qthink fit` (e.g. RUN/checkpoints/last.ckpt)")
-    p.add_argument("out", help="output directory (seed-format checkpoint)")
-    p.add_argument("--base", default=None, help="base model path or repo id, if it moved since training "
-                   "(must be the same model: checked by fingerprint)")
-    p.add_argument("--dtype", default="base", help="base (the base model's dtype) | float32 | bfloat16 | float16")
-    p.add_argument("--unfinished", action="store_true",
-                   help="export a checkpoint of a fit that stopped before its max_steps (default: refused)")
+COMMAND = SignatureCommand(export_checkpoint, positional=True)
 
 
-def cli_main(args) -> None:
-    require(args.dtype == "base" or args.dtype in DTYPES,
-            f"--dtype must be base, float32, bfloat16 or float16 (got {args.dtype})")
-    out = export_checkpoint(args.ckpt, args.out, args.base, args.dtype, args.unfinished)
+def cli_main(settings: dict) -> None:
+    require(settings["dtype"] == "base" or settings["dtype"] in DTYPES,
+            f"--dtype must be base, float32, bfloat16 or float16 (got {settings['dtype']})")
+    out = export_checkpoint(**settings)
     print(f"wrote seed-format checkpoint to {out}")

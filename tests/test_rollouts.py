@@ -1,9 +1,11 @@
 """`qthink rollouts`: sampled, graded rollouts on disk; resumable, batch-independent, strict about input."""
 
+import inspect
 import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qthink.cli import main
 from qthink.errors import UserError
@@ -173,3 +175,30 @@ def test_task_option_errors_are_one_line(tiny_base, tmp_path, capsys):
                      "--task-option", flag, "--limit", "1"])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.strip().count("\n") == 0, err
+
+
+def test_print_config_is_the_whole_configuration_and_reads_back(tmp_path, capsys):
+    """`qthink rollouts --print_config` prints every setting (defaults from `run_rollouts`' signature); `-c` of
+    that file gives the same configuration; old and new spellings (`-G`, `--top-p`, `--task-option`, a bare
+    bool flag) are the same settings."""
+    def printed(*argv: str) -> str:
+        with pytest.raises(SystemExit) as stopped:
+            main(["rollouts", *argv, "--print_config"])
+        assert stopped.value.code == 0
+        return capsys.readouterr().out
+
+    old = printed("--base", "b", "--task", "synthetic", "--out", "o", "-G", "2", "--top-p", "0.9",
+                  "--task-option", "steps=3", "--grade-unclosed", "--data-path", "d")
+    new = printed("--base", "b", "--task", "synthetic", "--out", "o", "--G", "2", "--top_p", "0.9",
+                  "--task_options.steps", "3", "--grade_unclosed", "true", "--data_path", "d")
+    assert old == new
+    config = yaml.safe_load(old)
+    defaults = {name: p.default for name, p in inspect.signature(run_rollouts).parameters.items()
+                if p.default is not inspect.Parameter.empty and name != "on_problem"}
+    assert set(config) == {"base", "task", "out", *defaults}
+    assert config | {"G": 16, "top_p": 0.95, "task_options": None, "grade_unclosed": False, "data_path": None} == \
+        {"base": "b", "task": "synthetic", "out": "o", **defaults}
+    assert config["task_options"] == {"steps": 3} and config["grade_unclosed"] is True
+    (tmp_path / "rollouts.yaml").write_text(old)
+    assert printed("-c", str(tmp_path / "rollouts.yaml")) == old
+    assert yaml.safe_load(printed("-c", str(tmp_path / "rollouts.yaml"), "-G", "4"))["G"] == 4

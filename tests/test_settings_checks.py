@@ -41,8 +41,8 @@ CASES = [
     ("!" + FIT + "--trainer.enable_checkpointing false",
      "cannot set up the run: Trainer was configured with `enable_checkpointing=False` but found `ModelCheckpoint`"),
     # non-finite floats and seeds out of range in the other commands
-    (ROLLOUTS + "--temperature inf", "argument --temperature: 'inf' is not a finite number"),
-    (ROLLOUTS + "--seed 18446744073709551616", "argument --seed: 18446744073709551616 is not a seed in [0, 2^63)"),
+    (ROLLOUTS + "--temperature inf", 'Parser key "temperature": inf is not a finite number > 0'),
+    (ROLLOUTS + "--seed 18446744073709551616", 'Parser key "seed": 18446744073709551616 is not a seed in [0, 2^63)'),
     # defect 12: an undefined interpolation, a logger whose package is not installed
     (FIT + "--trainer.logger.init_args.name ${{nosuch.key}}",
      "Interpolation key 'nosuch.key' not found (resolved to 'fit.trainer.logger.init_args.nosuch.key')"),

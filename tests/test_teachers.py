@@ -1,6 +1,7 @@
 """`qthink teachers`: the store against an independent plain-transformers recomputation, kill-and-resume,
 bad input, the benchmark, and 1 vs 2 processes (torchrun, gloo) for both pipeline stages."""
 
+import inspect
 import json
 import os
 import socket
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -349,3 +351,21 @@ def test_several_stores_in_one_pass_equal_each_built_alone(tiny_base, hand, tmp_
             x, y = a.row(i), b.row(i)
             assert (x["num_valid"], x["num_steps"], x["weighted_valid"]) == (y["num_valid"], y["num_steps"], y["weighted_valid"])
             assert torch.allclose(x["uniform"], y["uniform"], atol=1e-5) and torch.allclose(x["weighted"], y["weighted"], atol=1e-5)
+
+
+def test_print_config_is_the_whole_configuration_and_reads_back(tmp_path, capsys):
+    """`qthink teachers --print_config` prints every setting of `build_teachers` (its defaults), `-K` and a
+    bare `--adaptive` are `K` and `adaptive: true`, and `-c` of the printed file reproduces it."""
+    def printed(*argv: str) -> str:
+        with pytest.raises(SystemExit) as stopped:
+            main(["teachers", *argv, "--print_config"])
+        assert stopped.value.code == 0
+        return capsys.readouterr().out
+
+    text = printed("--base", "b", "--rollouts", "r", "--out", "t", "-K", "4", "--position-scheme", "steps", "--adaptive")
+    defaults = {name: p.default for name, p in inspect.signature(build_teachers).parameters.items()
+                if p.default is not inspect.Parameter.empty and name != "on_shard"}
+    assert yaml.safe_load(text) == {**defaults, "base": "b", "rollouts": "r", "out": "t", "K": 4,
+                                    "position_scheme": "steps", "adaptive": True}
+    (tmp_path / "teachers.yaml").write_text(text)
+    assert printed("-c", str(tmp_path / "teachers.yaml")) == text

@@ -16,7 +16,6 @@ written last says `complete: true`, it names the writer's pid and `fit` refuses 
 rank r computes shards r, r+W, ...; rank 0 writes the manifest.
 """
 
-import argparse
 import json
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from qthink.arguments import SignatureCommand
 from qthink.core.device import parse_dtype
 from qthink.core.latent import model_parts
 from qthink.core.model import check_model_ref, hidden_size_of, load_base
@@ -286,8 +286,23 @@ def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6,
                    on_shard: Callable[[dict], None] | None = None, trust_remote_code: bool = False,
                    adaptive: bool = False) -> dict:
     """Build (or finish) the teacher store `out` from the rollouts directory `rollouts`; returns the
-    manifest. `on_shard(entry)` is called after each shard is on disk. `adaptive`: each problem is taught
-    its own number of steps (at most K), for a student that decides how long to think."""
+    manifest. `on_shard(entry)` is called after each shard is on disk.
+
+    Args:
+        base: base model directory or Hugging Face repo id (the rollouts' model)
+        rollouts: rollouts directory written by `qthink rollouts`
+        out: output teacher store directory
+        K: teacher positions per rollout = latent steps
+        dtype: stored dtype: bfloat16 | float32
+        batch_size: rollouts per forward pass (length-bucketed)
+        position_scheme: linspace: evenly spaced in the think block; steps: on reasoning-step boundaries
+        shard_size: problems per shard file
+        model_dtype: compute dtype: float32 | bfloat16 | float16 | auto
+        device: cpu | cuda (default: cuda if available)
+        trust_remote_code: allow custom model code from the repo
+        adaptive: with position_scheme steps: each problem taught its own step count, at most K (for
+            model.adaptive: the student decides how long to think)
+    """
     return build_stores(base, rollouts, [StoreSpec(Path(out), K, position_scheme, adaptive)], dtype, batch_size,
                         shard_size, model_dtype, device, on_shard, trust_remote_code)[0]
 
@@ -418,31 +433,14 @@ def summary_lines(manifest: dict, seconds: float | None = None) -> list[str]:
 
 # ---- the `qthink teachers` subcommand ----
 
-def add_cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="base model directory or Hugging Face repo id (the rollouts' model)")
-    p.add_argument("--rollouts", required=True, help="rollouts directory written by `qthink rollouts`")
-    p.add_argument("--out", required=True, help="output teacher store directory")
-    p.add_argument("-K", type=int, default=6, help="teacher positions per rollout = latent steps (default 6)")
-    p.add_argument("--dtype", default="bfloat16", choices=list(STORE_DTYPES), help="stored dtype (default bfloat16)")
-    p.add_argument("--batch-size", type=int, default=16, help="rollouts per forward pass (length-bucketed)")
-    p.add_argument("--position-scheme", default="linspace", choices=list(SCHEMES),
-                   help="linspace: evenly spaced in the think block (default); steps: on reasoning-step boundaries")
-    p.add_argument("--adaptive", action="store_true",
-                   help="with --position-scheme steps: each problem taught its own step count, at most K (for "
-                   "model.adaptive: the student decides how long to think)")
-    p.add_argument("--shard-size", type=int, default=256, help="problems per shard file (default 256)")
-    p.add_argument("--model-dtype", default="auto", help="compute dtype: float32 | bfloat16 | float16 | auto")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
+COMMAND = SignatureCommand(build_teachers, skip=frozenset({"on_shard"}), aliases={"-K": "--K"})
 
 
-def cli_main(args) -> int:
+def cli_main(settings: dict) -> int:
     start = time.perf_counter()
     try:
-        with claim(args.out, "teachers", "--out") if distributed.env_ranks().is_main else nullcontext():
-            manifest = build_teachers(args.base, args.rollouts, args.out, args.K, args.dtype, args.batch_size,
-                                      args.position_scheme, args.shard_size, args.model_dtype, args.device,
-                                      trust_remote_code=args.trust_remote_code, adaptive=args.adaptive)
+        with claim(settings["out"], "teachers", "--out") if distributed.env_ranks().is_main else nullcontext():
+            manifest = build_teachers(**settings)
     finally:
         distributed.teardown()
     if distributed.env_ranks().is_main:

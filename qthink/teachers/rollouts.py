@@ -15,7 +15,6 @@ each rank appends to `rollouts.rank-R.jsonl` and rank 0 merges the parts into `r
 by problem index) at the end.
 """
 
-import argparse
 import json
 import math
 import os
@@ -23,11 +22,12 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from qthink.arguments import add_decode_mode_argument, finite_float, seed_arg
+from qthink.arguments import PositiveFinite, Seed, SignatureCommand
 from qthink.core.device import parse_dtype
 from qthink.core.latent import generate
 from qthink.core.model import check_decode_mode, check_model_ref, context_length_of, load_base
@@ -261,13 +261,35 @@ def sample_group(model, tokenizer, prompts: list[list[int]], indices: list[int],
 
 
 def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", data_path: str | None = None,
-                 G: int = 16, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20,
-                 max_new_tokens: int = 4096, batch_size: int = 8, seed: int = 0, limit: int | None = None,
+                 G: int = 16, temperature: PositiveFinite = 0.6, top_p: float = 0.95, top_k: int = 20,
+                 max_new_tokens: int = 4096, batch_size: int = 8, seed: Seed = 0, limit: int | None = None,
                  dtype: str = "auto", device: str | None = None,
                  on_problem: Callable[[int], None] | None = None, decode_mode: str = "dynamic",
-                 task_options: dict | None = None, grade_unclosed: bool = False) -> dict:
+                 task_options: dict[str, Any] | None = None, grade_unclosed: bool = False) -> dict:
     """Sample, grade and append rollouts for the (first `limit`) problems of `task`/`split` not yet in
-    `out`; returns a summary. `on_problem(index)` is called after each problem is on disk."""
+    `out`; returns a summary. `on_problem(index)` is called after each problem is on disk.
+
+    Args:
+        base: base model directory or Hugging Face repo id
+        task: gsm8k | math500 | tooluse | synthetic
+        out: output rollouts directory
+        split: dataset split
+        data_path: task data file or folder (default: the task's hub copy)
+        G: rollouts per problem
+        temperature: sampling temperature
+        top_p: nucleus sampling mass, in (0, 1]
+        top_k: keep the k most likely tokens (0: all)
+        max_new_tokens: token budget per rollout
+        batch_size: problems per batch (x G rows); fixed for a directory
+        seed: sampling seed (per row: problem index and sample index)
+        limit: only the first N problems (a rerun can extend)
+        dtype: model dtype: float32 | bfloat16 | float16 | auto
+        device: cpu | cuda (default: cuda if available)
+        decode_mode: dynamic | static (fixed-shape StaticCache) | compiled (static + torch.compile)
+        task_options: task constructor options (synthetic: steps: 6); fixed for a directory
+        grade_unclosed: grade a rollout whose think block never closed on its whole text (default: no answer,
+            reward 0)
+    """
     from qthink.tasks import load_problems, make_task, print_note
 
     require(G >= 1, f"-G must be >= 1 (got {G})")
@@ -371,39 +393,15 @@ def sample_rollouts(out: Path, base: str, task_obj, records: list, settings: dic
 
 # ---- the `qthink rollouts` subcommand ----
 
-def add_cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="base model directory or Hugging Face repo id")
-    p.add_argument("--task", required=True, help="gsm8k | math500 | tooluse | synthetic")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="task constructor option, repeatable (synthetic: steps=6); fixed for a directory")
-    p.add_argument("--split", default="train", help="dataset split (default train)")
-    p.add_argument("--data-path", default=None, help="task data file or folder (default: the task's hub copy)")
-    p.add_argument("--out", required=True, help="output rollouts directory")
-    p.add_argument("-G", type=int, default=16, help="rollouts per problem (default 16)")
-    p.add_argument("--temperature", type=finite_float, default=0.6)
-    p.add_argument("--top-p", type=finite_float, default=0.95)
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--max-new-tokens", type=int, default=4096, help="token budget per rollout")
-    p.add_argument("--batch-size", type=int, default=8, help="problems per batch (x G rows); fixed for a directory")
-    p.add_argument("--seed", type=seed_arg, default=0, help="sampling seed (per row: problem index and sample index)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N problems (a rerun can extend)")
-    p.add_argument("--dtype", default="auto", help="model dtype: float32 | bfloat16 | float16 | auto")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    add_decode_mode_argument(p)
-    p.add_argument("--grade-unclosed", action="store_true",
-                   help="grade a rollout whose think block never closed on its whole text (default: no answer, reward 0)")
+COMMAND = SignatureCommand(run_rollouts, skip=frozenset({"on_problem"}),
+                           aliases={"-G": "--G", "--task-option": "--task_options."})
 
 
-def cli_main(args) -> int:
-    from qthink.tasks import parse_task_options
-
+def cli_main(settings: dict) -> int:
     start = time.perf_counter()
     try:
-        with claim(args.out, "rollouts", "--out") if distributed.env_ranks().is_main else nullcontext():
-            s = run_rollouts(args.base, args.task, args.out, args.split, args.data_path, args.G, args.temperature,
-                             args.top_p, args.top_k, args.max_new_tokens, args.batch_size, args.seed, args.limit,
-                             args.dtype, args.device, decode_mode=args.decode_mode,
-                             task_options=parse_task_options(args.task_option), grade_unclosed=args.grade_unclosed)
+        with claim(settings["out"], "rollouts", "--out") if distributed.env_ranks().is_main else nullcontext():
+            s = run_rollouts(**settings)
     finally:
         distributed.teardown()
     if distributed.env_ranks().is_main:
@@ -411,5 +409,5 @@ def cli_main(args) -> int:
         print(f"rollouts: {s['problems']} new problems, {s['rollouts']} rollouts in {time.perf_counter() - start:.1f}s "
               f"(this rank); correct {s['correct'] / n:.1%}, finished {s['finished'] / n:.1%}, "
               f"emitted </think> {s['closed_think'] / n:.1%} (unclosed think blocks: {s['unclosed_think']}, no answer"
-              f"{', graded as is' if args.grade_unclosed else ''}); {args.out}/{ROLLOUTS} holds {s['total_problems']} problems")
+              f"{', graded as is' if settings['grade_unclosed'] else ''}); {settings['out']}/{ROLLOUTS} holds {s['total_problems']} problems")
     return 0

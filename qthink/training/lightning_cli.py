@@ -32,7 +32,6 @@ import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
-import yaml
 from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -41,7 +40,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf.errors import OmegaConfBaseException
 
-from qthink.arguments import GlobalSeed
+from qthink.arguments import GlobalSeed, one_line, read_config_file
 from qthink.core.model import linear_layer_names
 from qthink.errors import UserError, require
 from qthink.files import writable_dir
@@ -208,30 +207,6 @@ class QThinkCLI(LightningCLI):
             raise
 
 
-def config_files(argv: list[str]) -> list[str]:
-    """The config files named by -c/--config, in order."""
-    files = [value for flag, value in zip(argv, argv[1:], strict=False) if flag in ("-c", "--config")]
-    return files + [arg.split("=", 1)[1] for arg in argv if arg.startswith(("--config=", "-c="))]
-
-
-def read_config_file(value: str) -> dict:
-    """A config file that exists and is YAML, with the file named in the error (the parser names neither)."""
-    path = Path(value)
-    require(path.is_file(), f"config file {value} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise UserError(f"config file {value} is not UTF-8 text (byte {e.start})") from e
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"config file {value} is not valid YAML{where}: {problem}") from e
-    require(data is None or isinstance(data, dict), f"config file {value} holds a {type(data).__name__}, not a "
-            "mapping of settings (trainer:, model:, data:)")
-    return data or {}
-
-
 def check_paths(argv: list[str]) -> None:
     """One-line errors for checkpoints that do not exist (jsonargparse prints a usage dump without the
     file's name); config files are read, and checked the same way, by `expand_extends`."""
@@ -239,35 +214,6 @@ def check_paths(argv: list[str]) -> None:
     for value in given + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--ckpt_path=")]:
         require(value in CKPT_NAMES or Path(value).is_file(),
                 f"checkpoint {value} does not exist (use --ckpt_path last to resume)")
-
-
-def key_origin(argv: list[str], key: str) -> str:
-    """` (in FILE)` for the last config file that sets the dotted `key`, else nothing (a command-line flag)."""
-    if any(arg == f"--{key}" or arg.startswith(f"--{key}=") for arg in argv):
-        return ""  # the command line wins over every file
-    for value in reversed(config_files(argv)):
-        node = read_config_file(value)
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            return f" (in {value})"
-    return ""
-
-
-def one_line(message: str, argv: list[str]) -> str:
-    """A jsonargparse error on one line (it spreads nested causes over indented lines), naming the config
-    file that holds the key it refuses."""
-    text = re.sub(r"Expected a <class '([\w.]+)'>", r"expected \1", " ".join(message.split()))
-    # a value out of a range type's range (`qthink.arguments.range_type`), alone or in a Union with None/bool:
-    # only the range's own sentence, not every subtype's refusal
-    # (in a Union, jsonargparse leaves the value out of the subtype's sentence; it follows as "Given value")
-    ranged = re.match(r"""(Parser key "[\w.]+": ).*?Not of type \w+: (.*?)is not (.+?)(?: - | Given value|$)""", text)
-    if ranged:
-        given = re.search(r"Given value: (\S+)", text)
-        value = ranged.group(2).strip() or (given.group(1) if given else "the value")
-        text = f"{ranged.group(1)}{value} is not {ranged.group(3)}"
-    key = re.search(r"""(?:option|Parser key) ['"]([\w.]+)['"]""", text)
-    return text + (key_origin(argv, key.group(1)) if key else "")
 
 
 def read_extends(path: Path) -> str | None:
