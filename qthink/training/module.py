@@ -44,7 +44,6 @@ from qthink.core.model import QThink, load_base
 from qthink.core.sequences import output_text, stop_ids
 from qthink.errors import UserError, require
 from qthink.measure import train_flops
-from qthink.tasks.base import grade_output
 
 Distill = Literal["per_step", "final_step", "none"]
 Teacher = Literal["uniform", "weighted"]
@@ -391,7 +390,7 @@ class QThinkModule(L.LightningModule):
         samples = []
         for row, record in enumerate(batch["records"]):
             text = output_text(tok, gen.tokens[row, : gen.lengths[row]].tolist(), bool(gen.finished[row]))
-            scores = grade_output(task, text, record)
+            scores = task.grade(text, record)
             weight = 1.0 if batch.get("scored", [True] * len(batch["records"]))[row] else 0.0  # padding copies: 0
             for name in task.metrics:
                 metrics[name].update(float(scores[name]), weight=weight)
