@@ -34,7 +34,6 @@ from qthink.tables import markdown_table
 from qthink.tasks import (
     Task,
     get_task,
-    grade_output,
     load_problems,
     make_task,
     parse_task_options,
@@ -135,7 +134,7 @@ def generate_timed(qt: QThink, questions: list[str], latent_steps: int | None, m
 def prediction(task: Task, record: dict, question: str, result: dict, seconds: float, text: str,
                grade_unclosed: bool = False) -> dict:
     think, _, closed = split_think(text)
-    scores = grade_output(task, text, record, grade_unclosed)
+    scores = task.grade(text, record, grade_unclosed)
     return {"problem_id": task.problem_id(record), "prompt": question, "reference": task.reference(record),
             "output": text, "tokens": len(result["token_ids"]), "latent_steps": result.get("latent_steps", 0),
             "chain_length": task.chain_length(record), "correct": scores[task.metrics[0]] == 1.0,

@@ -14,14 +14,13 @@ from qthink.export import export_checkpoint
 from qthink.teachers.store import TeacherStore
 from qthink.training.data import ResumableSampler, TeacherDataModule
 from qthink.training.module import (
-    THROUGHPUT_WINDOW,
     NonFiniteLossError,
     QThinkModule,
-    batch_tokens,
     distill_term,
     l1_per_step,
     lr_factor,
 )
+from qthink.training.run_logging import COUNTERS, THROUGHPUT_WINDOW, batch_problems, batch_tokens
 
 QUESTIONS = ["a=3 b=a+4 c=b*2 d=c+5 d?", "a=1 b=a*3 c=b-2 d=c+9 d?", "a=7 b=a+1 c=b+1 d=c*2 d?"]
 
@@ -174,10 +173,16 @@ def test_logged_lr_grad_norm_and_throughput_are_the_schedule_and_the_data(teache
     assert series("lr/decay") == expected and series("lr/no_decay") == expected
     # grad_norm (Lightning's) is the norm of all gradients as one vector, as computed directly
     assert reference.logged == pytest.approx(reference.norms, rel=1e-5) and len(reference.norms) == steps
-    # ThroughputMonitor counts problems and prompt + K + answer tokens, and reads model FLOPs per batch
-    assert series("train/samples")[-1] == 2 * steps
-    assert series("train/lengths")[-1] == sum(batch_tokens(b, module.latent_steps) for b in recorder.batches)
-    assert series("train/device/items_per_sec")[-1] > 0 and series("train/device/flops_per_sec")[-1] > 0
+    # ThroughputMonitor's rates count problems and prompt + K + answer tokens over its window (the two rates
+    # share one elapsed time, so their ratio is tokens per problem exactly), and read model FLOPs per batch
+    window = recorder.batches[-THROUGHPUT_WINDOW + 1:]  # rates are differences between the window's ends
+    tokens_per_problem = sum(batch_tokens(b, module.latent_steps) for b in window) / sum(map(batch_problems, window))
+    last = [r for r in rows if r.get("train/device/items_per_sec")][-1]
+    assert float(last["train/device/items_per_sec"]) / float(last["train/device/samples_per_sec"]) == \
+        pytest.approx(tokens_per_problem, rel=1e-6)
+    assert series("train/device/flops_per_sec")[-1] > 0
+    # only rates: the monitor's running totals (train/time, batches, samples, lengths) are not logged
+    assert not {f"{stage}/{c}" for stage in ("train", "validate") for c in COUNTERS} & set(rows[0])
 
 
 @pytest.mark.parametrize("distill,teacher", [("per_step", "uniform"), ("final_step", "weighted")])

@@ -10,7 +10,7 @@ import torch
 from qthink.bench.seed_recipe import seed_generate
 from qthink.core.model import QThink, init_checkpoint
 from qthink.core.sequences import encode_prompts, stop_ids
-from qthink.tasks import get_task, grade_output
+from qthink.tasks import get_task
 from qthink.teachers.extract import rollout_positions, special_ids
 from qthink.teachers.positions import step_positions
 
@@ -123,13 +123,13 @@ def test_unclosed_think_has_no_answer_unless_asked():
     if (DATA / "tooluse").is_dir():
         record = next(r for r in tooluse.load("test", DATA) if "getRandomAxolotlImage" in tooluse.reference(r))
         output = "<think>\n" + tooluse.reference(record)  # `<think>\nAction: getRandomAxolotlImage\nAction Input: {}`
-        assert grade_output(tooluse, output, record) == {"exact_match": 0.0, "action_accuracy": 0.0}
-        assert grade_output(tooluse, output, record, grade_unclosed=True)["exact_match"] == 1.0
+        assert tooluse.grade(output, record) == {"exact_match": 0.0, "action_accuracy": 0.0}
+        assert tooluse.grade(output, record, grade_unclosed=True)["exact_match"] == 1.0
     gsm8k = get_task("gsm8k")
     record = {"question": "2+3?", "answer": "2 + 3 = 5\n#### 5", "id": "t-0"}
-    assert grade_output(gsm8k, "<think>\nSo 2 + 3 = 5", record)["exact_match"] == 0.0
-    assert grade_output(gsm8k, "<think>\nSo 2 + 3 = 5", record, grade_unclosed=True)["exact_match"] == 1.0
-    assert grade_output(gsm8k, "<think>\nSo 2 + 3 = 5\n</think>\n\nThe answer is 5.", record)["exact_match"] == 1.0
+    assert gsm8k.grade("<think>\nSo 2 + 3 = 5", record)["exact_match"] == 0.0
+    assert gsm8k.grade("<think>\nSo 2 + 3 = 5", record, grade_unclosed=True)["exact_match"] == 1.0
+    assert gsm8k.grade("<think>\nSo 2 + 3 = 5\n</think>\n\nThe answer is 5.", record)["exact_match"] == 1.0
 
 
 def test_pipeline_end_to_end_on_the_real_tokenizer(qwen3_base, tmp_path):

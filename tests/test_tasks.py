@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qthink.errors import UserError
-from qthink.tasks import TASKS, get_task, split_think
+from qthink.tasks import TASKS, Task, get_task, split_think
 from qthink.tasks.base import last_boxed
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -36,6 +36,36 @@ def test_every_task_names_its_metrics_headline_first():
         assert task.name == name
         assert task.metrics[0] == "exact_match"
     assert get_task("tooluse").metrics == ("exact_match", "action_accuracy")
+
+
+def _one_record(name: str) -> dict:
+    """A hand-written record of each task, so the rule is tested without the data folder."""
+    if name == "gsm8k":
+        return {"question": "2+3?", "answer": "2 + 3 = 5\n#### 5", "id": "t-0"}
+    if name == "math500":
+        return _math("\\frac{1}{2}")
+    if name == "tooluse":
+        return TOOL_RECORD
+    return get_task(name).load("test", n=1)[0]
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_task_grade_gives_an_unclosed_think_block_no_answer(name):
+    task = get_task(name)
+    record = _one_record(name)
+    right = task.reference(record)
+    assert task.grade(right, record)["exact_match"] == 1.0
+    assert task.grade(f"<think>\nwork\n</think>\n\n{right}", record)["exact_match"] == 1.0
+    # the right answer inside a think block that never closed is reasoning, not an answer: 0 on every metric
+    unclosed = f"<think>\nwork, maybe {right}"
+    assert task.grade(unclosed, record) == dict.fromkeys(task.metrics, 0.0)
+    assert task.grade(unclosed, record, grade_unclosed=True)["exact_match"] == 1.0
+
+
+def test_no_task_overrides_the_grading_entry_point():
+    assert all(cls.grade is Task.grade for cls in TASKS.values())
+    with pytest.raises(TypeError, match="implement grade_answer"):
+        type("Bypass", (Task,), {"grade": lambda self, output, record: {"exact_match": 1.0}})
 
 
 @pytest.mark.parametrize(
@@ -171,7 +201,7 @@ GSM_NEGATIVE = {"question": "Change?", "answer": "2 - 5 = <<2-5=-3>>-3\n#### -3"
         ("I think \\boxed{} is 1080", GSM_RECORD, False),  # an empty box is the answer, and it is empty
         ("<think>maybe 1080</think>\nThe answer is 1000.", GSM_RECORD, False),  # think block not graded
         ("<think>maybe 999</think>\n\\boxed{1080}", GSM_RECORD, True),
-        ("<think>no closing tag, 1080", GSM_RECORD, True),  # unclosed: graded as is
+        ("<think>no closing tag, 1080", GSM_RECORD, False),  # unclosed: no answer
         ("It changes by \\boxed{-3}", GSM_NEGATIVE, True),
         ("It changes by -3.", GSM_NEGATIVE, True),
         ("It changes by 3.", GSM_NEGATIVE, False),
@@ -181,6 +211,10 @@ GSM_NEGATIVE = {"question": "Change?", "answer": "2 - 5 = <<2-5=-3>>-3\n#### -3"
 )
 def test_gsm8k_grader(output, record, correct):
     assert get_task("gsm8k").grade(output, record) == {"exact_match": float(correct)}
+
+
+def test_gsm8k_grades_an_unclosed_block_as_is_only_when_asked():
+    assert get_task("gsm8k").grade("<think>no closing tag, 1080", GSM_RECORD, grade_unclosed=True) == {"exact_match": 1.0}
 
 
 def test_gsm8k_reference_strips_calculator_annotations():

@@ -23,6 +23,21 @@ TINY = str(ROOT / "configs" / "tiny")
 QWEN = str(ROOT / "configs" / "qwen3-1.7b")
 
 
+def hparams_logged(logdir: Path) -> dict:
+    """The hyperparameters TensorBoard's HPARAMS tab shows for a run (its last session start)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import metadata
+
+    found = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == metadata.SESSION_START_INFO_TAG:
+                    info = metadata.parse_session_start_info_plugin_data(value.metadata.plugin_data.content)
+                    found = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+    return found
+
+
 def tiny_args(base, store, root, *extra) -> list[str]:
     return ["-c", f"{TINY}/qthink.yaml", *extra, "--model.base_model", str(base), "--data.teachers", str(store),
             "--trainer.default_root_dir", str(root), "--data.batch_size", "4"]
@@ -134,7 +149,14 @@ def test_fit_resume_validate_and_export_from_the_command_line(tiny_base, teacher
     events = EventAccumulator(str(root / "tensorboard")).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/ce", "train/l1_step_1", "train/cos_step_6", "train/norm_h_3", "train/norm_t_3",
-            "train/grad_norm", "lr/decay", "lr/no_decay", "train/samples", "val/exact_match"} <= scalars
+            "train/grad_norm", "lr/decay", "lr/no_decay", "val/exact_match", "hp_metric"} <= scalars
+    assert not {"train/time", "train/batches", "train/samples", "train/lengths"} & scalars  # rates only
+    # hp_metric is validation's exact match, not Lightning's -1 placeholder: after each validation, and put back
+    # at once when the resumed run starts (the -1 at step 0 is what Lightning logs with the hyperparameters)
+    val = [e.value for e in events.Scalars("val/exact_match")]
+    assert [(e.step, e.value) for e in events.Scalars("hp_metric")] == \
+        [(0, -1.0), (2, val[0]), (0, -1.0), (2, val[0]), (4, val[-1])]
+    assert hparams_logged(root / "tensorboard")["latent_steps"] == 6  # the HPARAMS tab compares runs on these
     steps = [e.step for e in events.Scalars("train/loss")]  # one log continues across the resume
     assert len(steps) == 4 and steps == sorted(set(steps))  # (Lightning may skip one step number there)
     assert "val/samples/text_summary" in events.Tags()["tensors"]

@@ -23,9 +23,10 @@ from qthink.core.device import default_device
 from qthink.core.latent import ProjectionHead
 from qthink.errors import require
 from qthink.measure import sync, timed, train_flops, write_json
+from qthink.shipped import config_file
 from qthink.tables import records_table
 
-QWEN3_1P7B = Path(__file__).resolve().parents[2] / "configs" / "qwen3-1.7b" / "model.json"
+QWEN3_1P7B = config_file("qwen3-1.7b", "model.json")
 # Dense bf16 tensor-core peaks (no sparsity); more specific names first. Other cards: --peak-tflops.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 SMALL = {"batch_size": 2, "prompt_tokens": 32, "answer_tokens": 8, "latent_steps": 6, "lora_r": 4, "steps": 1,

@@ -11,9 +11,8 @@ from typing import Any
 
 from qthink.errors import require
 from qthink.files import atomic_write_text
+from qthink.shipped import config_file
 from qthink.tasks.synthetic import parse_steps
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 
 
 @dataclass(frozen=True)
@@ -186,9 +185,9 @@ def build_stores(workdir: Path, stores: list[tuple[str, str, int]], workers: int
 def fit_argv(workdir: Path, s: DemoSettings, variant: str | None, store: str, K: int, seed: int, run_dir: Path,
              train_limit: int | None = None) -> list[str]:
     """`qthink fit` arguments for one student: configs/tiny/qthink.yaml [+ variant] and the demo's sizes."""
-    argv = ["fit", "-c", str(CONFIGS / "qthink.yaml")]
+    argv = ["fit", "-c", str(config_file("tiny", "qthink.yaml"))]
     if variant:
-        argv += ["-c", str(CONFIGS / variant)]
+        argv += ["-c", str(config_file("tiny", variant))]
     argv += ["--model.base_model", str(workdir / "base"), "--data.teachers", str(workdir / store),
              "--model.latent_steps", str(K), "--trainer.default_root_dir", str(run_dir),
              "--trainer.max_steps", str(s.fit_steps), "--model.lr", str(s.lr),
@@ -215,8 +214,6 @@ def fit_student(workdir: Path, s: DemoSettings, name: str, variant: str | None, 
     from qthink.export import export_checkpoint
     from qthink.training.lightning_cli import run_lightning_cli
 
-    require((CONFIGS / "qthink.yaml").is_file(), f"{CONFIGS} not found: run the demo from a source checkout "
-            "(pip install -e .)")
     run_dir = workdir / "fit" / name
     run_lightning_cli(fit_argv(workdir, s, variant, store, K, seed, run_dir, train_limit))
     out = export_checkpoint(run_dir / "checkpoints" / "last.ckpt", workdir / "export" / name)

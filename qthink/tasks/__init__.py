@@ -4,6 +4,9 @@
     records = task.load("test", data_path="data")      # data root, task folder or file; None: the hub
     task.prompt(r), task.reference(r), task.grade(output, r)["exact_match"], task.problem_id(r)
 
+`task.grade` is the one grading entry point: an output whose think block never closed scores 0 there
+(`grade_unclosed=True` grades its whole text instead).
+
 Names: gsm8k, math500, tooluse, synthetic (generated, no files).
 """
 
@@ -17,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qthink.errors import UserError, require
-from qthink.tasks.base import Task, grade_output, has_unclosed_think, split_think
+from qthink.tasks.base import Task, has_unclosed_think, split_think
 from qthink.tasks.gsm8k import GSM8kTask
 from qthink.tasks.math500 import Math500Task
 from qthink.tasks.synthetic import SyntheticTask
@@ -93,5 +96,5 @@ def make_task(name: str, options: dict[str, Any] | None = None) -> Task:
                         f"{', '.join(params) or 'none'}") from e
 
 
-__all__ = ["TASKS", "Task", "get_task", "grade_output", "has_unclosed_think", "load_problems", "make_task",
+__all__ = ["TASKS", "Task", "get_task", "has_unclosed_think", "load_problems", "make_task",
            "parse_task_options", "print_note", "split_think"]

@@ -44,8 +44,8 @@ def split_think(output: str) -> tuple[str | None, str, bool]:
       first `</think>` (or everything before `</think>` when the output starts inside the block, as
       when the generation prompt already holds `<think>`); answer_text is everything after `</think>`.
     - `<think>` opened but never closed (a truncated rollout): think_text is what follows `<think>` and
-      answer_text is the whole output, because there is no committed answer to cut out; graders then
-      grade the output as is.
+      answer_text is the whole output, because there is no committed answer to cut out (`Task.grade`
+      scores such an output 0 unless asked to grade it as is).
     - No think tags: `(None, output, False)`.
     Graders grade answer_text, so a model that mentions candidate answers (or tool names) while
     reasoning is graded on what it answers, not on what it considered.
@@ -64,15 +64,6 @@ def has_unclosed_think(output: str) -> bool:
     """The output opened a think block and never closed it (a truncated rollout or thinking answer)."""
     think, _, closed = split_think(output)
     return think is not None and not closed
-
-
-def grade_output(task: Task, output: str, record: Mapping[str, Any], grade_unclosed: bool = False) -> dict[str, float]:
-    """`task.grade`, except that an output whose think block never closed has no answer and scores 0 on
-    every metric: its reasoning may mention the right value without committing to it. `grade_unclosed`
-    grades such an output on its whole text instead (the old behaviour, for comparison)."""
-    if not grade_unclosed and has_unclosed_think(output):
-        return dict.fromkeys(task.metrics, 0.0)
-    return task.grade(output, record)
 
 
 def last_boxed(text: str) -> str | None:
@@ -204,7 +195,8 @@ def load_hub(dataset_id: str, config: str | None, split: str, task: str) -> list
 
 class Task:
     """Base class: subclasses set `name`, `metrics`, `files`, `fields` and implement `_records`,
-    `prompt`, `reference` and `grade`."""
+    `prompt`, `reference` and `grade_answer`. `grade` is the one grading entry point and is not
+    overridden: it applies the think-block rules every task shares, then calls `grade_answer`."""
 
     name: ClassVar[str] = ""
     # Names `grade` returns; the first is the headline metric.
@@ -244,8 +236,26 @@ class Task:
         """The reference answer text (an SFT target)."""
         raise NotImplementedError
 
-    def grade(self, output: str, record: Mapping[str, Any]) -> dict[str, float]:
-        """Metrics for one model output; keys are `self.metrics`, values 0.0 or 1.0."""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # one entry point: a task that overrode `grade` would skip the unclosed-think rule
+        if "grade" in cls.__dict__:
+            raise TypeError(f"{cls.__name__} overrides Task.grade; implement grade_answer instead")
+
+    def grade(self, output: str, record: Mapping[str, Any], grade_unclosed: bool = False) -> dict[str, float]:
+        """Metrics for one model output; keys are `self.metrics`, values 0.0 or 1.0. The answer is the text
+        after `</think>` (the whole output when there is no think block), so a model is graded on what it
+        answers, not on what it considered. An output whose think block never closed has no answer and
+        scores 0 on every metric: its reasoning may mention the right value without committing to it.
+        `grade_unclosed` grades such an output on its whole text instead (the old behaviour, for
+        comparison)."""
+        think, answer, closed = split_think(output)
+        if think is not None and not closed and not grade_unclosed:
+            return dict.fromkeys(self.metrics, 0.0)
+        return self.grade_answer(answer, record)
+
+    def grade_answer(self, answer: str, record: Mapping[str, Any]) -> dict[str, float]:
+        """Metrics for `answer`, the output's text after its think block (see `grade`)."""
         raise NotImplementedError
 
     def problem_id(self, record: Mapping[str, Any]) -> str:

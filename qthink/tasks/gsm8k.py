@@ -18,7 +18,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from qthink.errors import require
-from qthink.tasks.base import Located, Task, last_boxed, load_hub, split_think
+from qthink.tasks.base import Located, Task, last_boxed, load_hub
 
 # The usual "reason then box" instruction (as in Qwen's and DeepSeek-R1's math evaluations), one newline
 # after the question; the grader falls back to the last number when the model ignores it.
@@ -45,10 +45,9 @@ def last_number(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def extract_prediction(output: str) -> str | None:
+def extract_prediction(answer_text: str) -> str | None:
     """The predicted final number: from the last `\\boxed{}` if any (nothing if that box has no number),
-    else the last number of the post-think text."""
-    _, answer_text, _ = split_think(output)
+    else the last number of the answer (the text after the think block)."""
     boxed = last_boxed(answer_text)
     if boxed is None:
         return last_number(answer_text)
@@ -98,6 +97,6 @@ class GSM8kTask(Task):
     def reference(self, record: Mapping[str, Any]) -> str:
         return reference_solution(record["answer"])
 
-    def grade(self, output: str, record: Mapping[str, Any]) -> dict[str, float]:
-        correct = same_number(extract_prediction(output), gold_answer(record["answer"]))
+    def grade_answer(self, answer: str, record: Mapping[str, Any]) -> dict[str, float]:
+        correct = same_number(extract_prediction(answer), gold_answer(record["answer"]))
         return {"exact_match": float(correct)}

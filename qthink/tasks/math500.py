@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qthink.errors import UserError
-from qthink.tasks.base import Located, Task, last_boxed, load_hub, split_think
+from qthink.tasks.base import Located, Task, last_boxed, load_hub
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,8 @@ class Math500Task(Task):
     def reference(self, record: Mapping[str, Any]) -> str:
         return record["solution"]
 
-    def grade(self, output: str, record: Mapping[str, Any]) -> dict[str, float]:
-        _, answer_text, _ = split_think(output)
-        pred = last_boxed(answer_text)
+    def grade_answer(self, answer: str, record: Mapping[str, Any]) -> dict[str, float]:
+        pred = last_boxed(answer)
         return {"exact_match": float(pred is not None and is_equivalent(pred, record["answer"]))}
 
     def problem_id(self, record: Mapping[str, Any]) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from qthink.errors import UserError, require
-from qthink.tasks.base import Located, Task, split_think
+from qthink.tasks.base import Located, Task
 
 VARIABLES = "abcdefghijklmnopqrstuvwxyz"
 OPS = "+-*"
@@ -158,9 +158,8 @@ class SyntheticTask(Task):
         """The reference chain of thought (the demo trains on `<think>\\n{think}\\n</think>\\n\\n{answer}`)."""
         return record["think"]
 
-    def grade(self, output: str, record: Mapping[str, Any]) -> dict[str, float]:
-        _, answer_text, _ = split_think(output)
-        digits = re.findall(r"\d", answer_text)
+    def grade_answer(self, answer: str, record: Mapping[str, Any]) -> dict[str, float]:
+        digits = re.findall(r"\d", answer)
         return {"exact_match": float(bool(digits) and digits[-1] == record["answer"])}
 
     def chain_length(self, record: Mapping[str, Any]) -> int:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from qthink.errors import UserError, require
-from qthink.tasks.base import Located, Task, split_think
+from qthink.tasks.base import Located, Task
 
 # [SDPO extract_actions] every "Action:" + optional whitespace + a run of word characters, anywhere.
 _ACTION_RE = re.compile(r"Action:\s*(\w+)")
@@ -74,9 +74,9 @@ def gold_inputs(calls: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def score(output: str, answer: str) -> dict[str, float]:
-    """Exact match and action accuracy of `output` against a record's `answer` string."""
-    _, text, _ = split_think(output)
+def score(text: str, answer: str) -> dict[str, float]:
+    """Exact match and action accuracy of `text` (an output's answer, after its think block) against a
+    record's `answer` string."""
     calls = gold_calls(answer)
     # [SDPO compute_score] Counter equality: order and extra text do not matter, duplicates do.
     actions_ok = Counter(predicted_actions(text)) == Counter(call["Action"] for call in calls)
@@ -132,8 +132,8 @@ class TooluseTask(Task):
     def reference(self, record: Mapping[str, Any]) -> str:
         return format_calls(gold_calls(record["answer"]))
 
-    def grade(self, output: str, record: Mapping[str, Any]) -> dict[str, float]:
-        return score(output, record["answer"])
+    def grade_answer(self, answer: str, record: Mapping[str, Any]) -> dict[str, float]:
+        return score(answer, record["answer"])
 
     def problem_id(self, record: Mapping[str, Any]) -> str:
         if "id" not in record and "idx" in record:

@@ -337,7 +337,7 @@ def sample_rollouts(out: Path, base: str, task_obj, records: list, settings: dic
                     on_problem: Callable[[int], None] | None) -> dict:
     """Sample, grade and append the problems of `records` not yet in `out` (every rank its groups); returns
     this rank's counts once every rank is done."""
-    from qthink.tasks import grade_output, has_unclosed_think
+    from qthink.tasks import has_unclosed_think
 
     task, split, G, seed = settings["task"], settings["split"], settings["G"], settings["seed"]
     max_new_tokens, batch_size, decode_mode = settings["max_new_tokens"], settings["batch_size"], settings["decode_mode"]
@@ -374,7 +374,7 @@ def sample_rollouts(out: Path, base: str, task_obj, records: list, settings: dic
                 if i in done:
                     continue
                 for r in rollouts:
-                    r["reward"] = float(grade_output(task_obj, r["text"], records[i], grade_unclosed)["exact_match"])
+                    r["reward"] = float(task_obj.grade(r["text"], records[i], grade_unclosed)["exact_match"])
                     summary["unclosed_think"] += has_unclosed_think(r["text"])
                     summary["correct"] += r["reward"] > 0
                     summary["finished"] += r["finished"]

@@ -19,13 +19,12 @@ relies on.
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ThroughputMonitor
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -44,7 +43,7 @@ from qthink.core.model import QThink, load_base
 from qthink.core.sequences import output_text, stop_ids
 from qthink.errors import UserError, require
 from qthink.measure import train_flops
-from qthink.tasks.base import grade_output
+from qthink.training.run_logging import training_callbacks
 
 Distill = Literal["per_step", "final_step", "none"]
 Teacher = Literal["uniform", "weighted"]
@@ -134,19 +133,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def batch_problems(batch: dict) -> int:
-    return int(batch["prompt_ids"].shape[0])
-
-
-def batch_tokens(batch: dict, latent_steps: int) -> int:
-    """Positions the batch runs through the model: prompt + K latent steps + answer, padding excluded."""
-    answer = int(batch["answer_mask"].sum()) if "answer_mask" in batch else 0
-    return int(batch["prompt_mask"].sum()) + answer + batch_problems(batch) * latent_steps
-
-
-THROUGHPUT_WINDOW = 10  # batches per throughput reading (ThroughputMonitor logs nothing until it has this many)
 
 
 def teacher_targets(batch: dict, teacher: Teacher) -> tuple[Tensor, Tensor]:
@@ -307,14 +293,11 @@ class QThinkModule(L.LightningModule):
         return out
 
     def configure_callbacks(self) -> list[Callback]:
-        """Learning rate (`lr/<param group>`) and throughput (`train/device/*`: problems, tokens and model
-        FLOPs per second; MFU on GPUs Lightning knows) logging; these replace same-type callbacks in a config.
-        None without a logger (LearningRateMonitor refuses to run without one)."""
+        """`run_logging.training_callbacks` (learning rate, throughput rates, `hp_metric`); these replace
+        same-type callbacks in a config. None without a logger (LearningRateMonitor refuses to run without one)."""
         if self._trainer is None or not self.trainer.loggers:
             return []
-        tokens = partial(batch_tokens, latent_steps=self.latent_steps)
-        return [LearningRateMonitor(logging_interval="step"),
-                ThroughputMonitor(batch_problems, tokens, window_size=THROUGHPUT_WINDOW)]
+        return training_callbacks(self.latent_steps)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         ids, answer = batch["prompt_ids"], batch["answer_ids"]
@@ -391,7 +374,7 @@ class QThinkModule(L.LightningModule):
         samples = []
         for row, record in enumerate(batch["records"]):
             text = output_text(tok, gen.tokens[row, : gen.lengths[row]].tolist(), bool(gen.finished[row]))
-            scores = grade_output(task, text, record)
+            scores = task.grade(text, record)
             weight = 1.0 if batch.get("scored", [True] * len(batch["records"]))[row] else 0.0  # padding copies: 0
             for name in task.metrics:
                 metrics[name].update(float(scores[name]), weight=weight)
