@@ -46,6 +46,7 @@ from qthink.files import (
 )
 from qthink.identity import comparable, fingerprint, project_ref
 from qthink.ownership import claim
+from qthink.recipe import SEED
 from qthink.tasks.base import THINK_CLOSE, thinking_completion
 from qthink.teachers import distributed
 
@@ -261,8 +262,8 @@ def sample_group(model, tokenizer, prompts: list[list[int]], indices: list[int],
 
 
 def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", data_path: str | None = None,
-                 G: int = 16, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20,
-                 max_new_tokens: int = 4096, batch_size: int = 8, seed: int = 0, limit: int | None = None,
+                 G: int = SEED.G, temperature: float = SEED.temperature, top_p: float = SEED.top_p,
+                 top_k: int = SEED.top_k, max_new_tokens: int = SEED.rollout_max_new_tokens, batch_size: int = 8, seed: int = 0, limit: int | None = None,
                  dtype: str = "auto", device: str | None = None,
                  on_problem: Callable[[int], None] | None = None, decode_mode: str = "dynamic",
                  task_options: dict | None = None, grade_unclosed: bool = False) -> dict:
@@ -379,11 +380,11 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train", help="dataset split (default train)")
     p.add_argument("--data-path", default=None, help="task data file or folder (default: the task's hub copy)")
     p.add_argument("--out", required=True, help="output rollouts directory")
-    p.add_argument("-G", type=int, default=16, help="rollouts per problem (default 16)")
-    p.add_argument("--temperature", type=finite_float, default=0.6)
-    p.add_argument("--top-p", type=finite_float, default=0.95)
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--max-new-tokens", type=int, default=4096, help="token budget per rollout")
+    p.add_argument("-G", type=int, default=SEED.G, help="rollouts per problem (default %(default)s)")
+    p.add_argument("--temperature", type=finite_float, default=SEED.temperature)
+    p.add_argument("--top-p", type=finite_float, default=SEED.top_p)
+    p.add_argument("--top-k", type=int, default=SEED.top_k)
+    p.add_argument("--max-new-tokens", type=int, default=SEED.rollout_max_new_tokens, help="token budget per rollout")
     p.add_argument("--batch-size", type=int, default=8, help="problems per batch (x G rows); fixed for a directory")
     p.add_argument("--seed", type=seed_arg, default=0, help="sampling seed (per row: problem index and sample index)")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems (a rerun can extend)")
