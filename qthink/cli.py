@@ -15,6 +15,7 @@ import os
 import sys
 
 from qthink.errors import UserError
+from qthink.recipe import SEED
 from qthink.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_as_interrupt
 
 # subcommand -> (module, one-line help)
@@ -68,7 +69,7 @@ def add_init_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", help="base model directory or Hugging Face repo id (e.g. Qwen/Qwen3-1.7B)")
     p.add_argument("out", help="output checkpoint directory")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed for the head's initial weights")
-    p.add_argument("--latent-steps", type=int, default=6, help="K recorded in qthink.json")
+    p.add_argument("--latent-steps", type=int, default=SEED.latent_steps, help="K recorded in qthink.json")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
 
 
@@ -87,7 +88,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="JSON lines file with a `question` field per line")
     p.add_argument("--latent-steps", type=int, default=None,
                    help="K (default: the checkpoint's; an adaptive checkpoint then chooses each question's, at most K)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer token budget")
+    p.add_argument("--max-new-tokens", type=int, default=SEED.max_answer_tokens, help="answer token budget")
     p.add_argument("--batch-size", type=int, default=16, help="questions decoded together")
     from qthink.arguments import add_decode_mode_argument
 

@@ -30,6 +30,7 @@ from qthink.core.sequences import output_text
 from qthink.errors import require
 from qthink.files import atomic_write_text
 from qthink.ownership import Output, claim, plain_name
+from qthink.recipe import SEED
 from qthink.tables import markdown_table
 from qthink.tasks import (
     Task,
@@ -174,8 +175,8 @@ def summarize(preds: list[dict], task: Task, split: str, target: Target, k: int,
 
 def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test", data_path: str | None = None,
              mode: str | None = None, name: str | None = None, latent_steps: int | None = None,
-             max_new_tokens: int = 256, batch_size: int = 16, limit: int | None = None, out: str | Path | None = None,
-             dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+             max_new_tokens: int = SEED.max_answer_tokens, batch_size: int = 16, limit: int | None = None,
+             out: str | Path | None = None, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
              records: list[dict] | None = None, progress: bool = True, trust_remote_code: bool = False,
              model: QThink | None = None, decode_mode: str = "dynamic", grade_unclosed: bool = False) -> dict:
     """Evaluate one target and return its summary; with `out`, write `out/<name>/predictions.jsonl` and
@@ -262,7 +263,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", nargs="+", default=[], choices=MODES, help="one mode for all targets or one per target")
     p.add_argument("--name", nargs="+", default=[], help="one label per target (default: from the path and mode)")
     p.add_argument("--latent-steps", type=int, default=None, help="K in qthink mode (default: the checkpoint's)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generated-token budget per problem")
+    p.add_argument("--max-new-tokens", type=int, default=SEED.max_answer_tokens, help="generated-token budget per problem")
     p.add_argument("--batch-size", type=int, default=16, help="problems decoded together")
     add_decode_mode_argument(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")

@@ -23,13 +23,14 @@ from qthink.core.device import default_device
 from qthink.core.latent import ProjectionHead
 from qthink.errors import require
 from qthink.measure import sync, timed, train_flops, write_json
+from qthink.recipe import SEED
 from qthink.shipped import config_file
 from qthink.tables import records_table
 
 QWEN3_1P7B = config_file("qwen3-1.7b", "model.json")
 # Dense bf16 tensor-core peaks (no sparsity); more specific names first. Other cards: --peak-tflops.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
-SMALL = {"batch_size": 2, "prompt_tokens": 32, "answer_tokens": 8, "latent_steps": 6, "lora_r": 4, "steps": 1,
+SMALL = {"batch_size": 2, "prompt_tokens": 32, "answer_tokens": 8, "latent_steps": SEED.latent_steps, "lora_r": 4, "steps": 1,
          "infer_batch": 4, "infer_prompt_tokens": 16, "infer_new_tokens": 8}
 
 
@@ -142,7 +143,7 @@ def training_step_speed(base: Path, device: torch.device, batch: int, prompt: in
             "num_valid": torch.full((batch,), 4), "weighted_valid": torch.ones(batch, dtype=torch.bool)}
     data = {k: v.to(device) for k, v in data.items()}
     data["teacher_weighted"] = data["teacher_uniform"]
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-4)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=SEED.lr)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def step() -> None:
@@ -171,10 +172,10 @@ def training_step_speed(base: Path, device: torch.device, batch: int, prompt: in
 def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=str(QWEN3_1P7B), help="config.json giving the model shape")
     p.add_argument("--batch-size", type=int, default=8, help="training batch size")
-    p.add_argument("--prompt-tokens", type=int, default=1024)
-    p.add_argument("--answer-tokens", type=int, default=256)
-    p.add_argument("--latent-steps", type=int, default=6)
-    p.add_argument("--lora-r", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=SEED.max_prompt_tokens)
+    p.add_argument("--answer-tokens", type=int, default=SEED.max_answer_tokens)
+    p.add_argument("--latent-steps", type=int, default=SEED.latent_steps)
+    p.add_argument("--lora-r", type=int, default=SEED.lora_r)
     p.add_argument("--steps", type=int, default=5, help="timed training steps (after 2 warm-up steps)")
     p.add_argument("--infer-batch", type=int, default=64)
     p.add_argument("--infer-prompt-tokens", type=int, default=256)

@@ -33,6 +33,7 @@ from qthink.core.model import HEAD_PT, HEAD_ST, QThink, init_checkpoint
 from qthink.core.sequences import encode_prompts
 from qthink.errors import UserError, require
 from qthink.measure import timed, write_json
+from qthink.recipe import SEED
 from qthink.tables import records_table
 
 SYSTEMS = ("seed", "nocache", "qthink", "think")
@@ -58,7 +59,7 @@ def spread_weights(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def tiny_qthink(workdir: str | Path, seed: int = 0, latent_steps: int = 6) -> QThink:
+def tiny_qthink(workdir: str | Path, seed: int = 0, latent_steps: int = SEED.latent_steps) -> QThink:
     """The tiny base (`qthink.core.tiny`) wrapped by `init_checkpoint`, weights spread (see `spread_weights`)."""
     from qthink.core.tiny import build_tiny_base
 
@@ -81,7 +82,7 @@ def load_bench_model(spec: str, workdir: Path, dtype: torch.dtype | None, device
     qt = QThink.for_base(spec, dtype, device)
     torch.manual_seed(0)
     qt.head = ProjectionHead(qt.model.config.hidden_size).to(device, qt.model.dtype).eval()
-    qt.latent_steps = 6
+    qt.latent_steps = SEED.latent_steps
     return qt
 
 
@@ -142,7 +143,7 @@ def inference_runs(qt: QThink, batch_sizes: list[int], latent_steps: int, max_ne
     }
 
 
-def bench_inference(qt: QThink, questions: list[str], batch_sizes: list[int], latent_steps: int = 6,
+def bench_inference(qt: QThink, questions: list[str], batch_sizes: list[int], latent_steps: int = SEED.latent_steps,
                     max_new_tokens: int = 64, repeats: int = 3, systems: tuple[str, ...] = SYSTEMS,
                     decode_modes: tuple[str, ...] = ("dynamic",)) -> list[dict]:
     """One row per (system, batch size[, decode mode]); `speedup_vs_seed` is the seed's seconds over the row's."""
@@ -196,7 +197,7 @@ def teacher_store(base_dir: Path, work: Path, device: str | None) -> Path:
     from qthink.teachers.rollouts import write_reference_rollouts
 
     rollouts = write_reference_rollouts(str(base_dir), work / "rollouts", n=16, G=2)
-    build_teachers(str(base_dir), rollouts, work / "teachers", K=6, dtype="float32", device=device)
+    build_teachers(str(base_dir), rollouts, work / "teachers", K=SEED.latent_steps, dtype="float32", device=device)
     return work / "teachers"
 
 
@@ -235,7 +236,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     infer.add_argument("--batch-sizes", default="1,8,32,64", help="comma-separated qthink batch sizes")
     infer.add_argument("--problems", type=int, default=64, help="synthetic test questions")
     infer.add_argument("--max-new-tokens", type=int, default=64, help="answer token budget, every system")
-    infer.add_argument("--latent-steps", type=int, default=6, help="K for seed, nocache and qthink")
+    infer.add_argument("--latent-steps", type=int, default=SEED.latent_steps, help="K for seed, nocache and qthink")
     infer.add_argument("--repeats", type=int, default=3, help="timed runs per system (median reported)")
     infer.add_argument("--systems", default=",".join(SYSTEMS), help="subset of " + ",".join(SYSTEMS))
     infer.add_argument("--decode-modes", default="dynamic",

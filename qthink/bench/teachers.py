@@ -15,6 +15,7 @@ from qthink.core.model import load_base
 from qthink.core.sequences import encode_prompts, right_pad
 from qthink.errors import require
 from qthink.measure import peak_memory, sync, timed
+from qthink.recipe import SEED
 from qthink.teachers.extract import extract_states, rollout_positions, special_ids
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts, write_reference_rollouts
 
@@ -50,7 +51,7 @@ def naive_states(model: nn.Module, seqs: list[list[int]], positions: list[list[i
     return out  # type: ignore[return-value]
 
 
-def bench_teachers(base_dir: str | Path, rollouts: str | Path | None = None, K: int = 6, batch_size: int = 16,
+def bench_teachers(base_dir: str | Path, rollouts: str | Path | None = None, K: int = SEED.latent_steps, batch_size: int = 16,
                    problems: int = 64, G: int = 4, model_dtype: str = "float32", device: str | None = None) -> dict:
     """Extraction speed and peak memory of `extract_states` vs `naive_states` on the same rollouts (a
     rollouts directory, or the synthetic task's reference rollouts written to a temporary one), one
@@ -68,7 +69,7 @@ def bench_teachers(base_dir: str | Path, rollouts: str | Path | None = None, K: 
     full, cut, positions = [], [], []
     for problem, prompt in zip(loaded, prompts, strict=True):
         for r in problem["rollouts"]:
-            status, ids, pos = rollout_positions(prompt, r["token_ids"], specials, "linspace", K, tokenizer)
+            status, ids, pos = rollout_positions(prompt, r["token_ids"], specials, SEED.position_scheme, K, tokenizer)
             if status == "valid":
                 full.append(ids)
                 cut.append(ids[: max(pos) + 1])

@@ -14,12 +14,13 @@ import torch
 
 from qthink.core.device import pick_device
 from qthink.measure import peak_memory, sync
+from qthink.recipe import SEED
 from qthink.training.data import TeacherDataModule, collate_train
 from qthink.training.module import QThinkModule
 
 
-def bench_train(base_dir: str, store_dir: str, batch_size: int = 8, repeats: int = 3, latent_steps: int = 6,
-                distill: str = "per_step", device: str | None = None, precision: str = "32-true") -> dict:
+def bench_train(base_dir: str, store_dir: str, batch_size: int = 8, repeats: int = 3,
+                latent_steps: int = SEED.latent_steps, distill: str = SEED.distill, device: str | None = None, precision: str = "32-true") -> dict:
     """Samples/s and peak memory of one optimizer step on `batch_size` problems: batched vs 1 x B accumulation.
 
     Both schedules run forward + backward on the same problems from the store and one AdamW step (lr 0);

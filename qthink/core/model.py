@@ -27,6 +27,7 @@ from qthink.errors import UserError, require
 from qthink.files import temp_dir_beside, writable_dir
 from qthink.identity import fingerprint, verify_checksums, write_checksums
 from qthink.ownership import lock_beside, write_marker
+from qthink.recipe import SEED
 
 HEAD_PT, HEAD_ST, META = "projection_head.pt", "projection_head.safetensors", "qthink.json"
 HALT_ST = "halting_head.safetensors"
@@ -177,7 +178,7 @@ class QThink(nn.Module):
     """Base model + projection head; `generate` runs the shared latent loop in batches."""
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, head: ProjectionHead | None,
-                 latent_steps: int = 6, info: dict | None = None, halting_head: HaltingHead | None = None):
+                 latent_steps: int = SEED.latent_steps, info: dict | None = None, halting_head: HaltingHead | None = None):
         super().__init__()
         self.model, self.tokenizer, self.head, self.halting_head = model, tokenizer, head, halting_head
         self.latent_steps = latent_steps
@@ -291,9 +292,10 @@ class QThink(nn.Module):
                 f"{max_new_tokens} new tokens exceeds the model's context of {self.context_length}; "
                 "shorten the question or lower --max-new-tokens")
 
-    def generate(self, questions: list[str], latent_steps: int | None = None, max_new_tokens: int = 256,
-                 batch_size: int = 16, enable_thinking: bool = False, sampler_seed: int | None = None,
-                 temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20,
+    def generate(self, questions: list[str], latent_steps: int | None = None,
+                 max_new_tokens: int = SEED.max_answer_tokens, batch_size: int = 16,
+                 enable_thinking: bool = False, sampler_seed: int | None = None,
+                 temperature: float = SEED.temperature, top_p: float = SEED.top_p, top_k: int = SEED.top_k,
                  on_batch: Callable[[list[int]], None] | None = None, decode_mode: str = "dynamic") -> list[dict]:
         """Answers for `questions`: dicts with `question`, `answer`, `token_ids`, `finished`, `latent_steps`.
 
@@ -375,7 +377,7 @@ def check_checkpoint_dir(out: str | Path, sources: tuple[str | Path | None, ...]
     writable_dir(out.absolute().parent, "checkpoint parent folder")
 
 
-def init_checkpoint(base: str, out: str | Path, seed: int = 0, latent_steps: int = 6,
+def init_checkpoint(base: str, out: str | Path, seed: int = 0, latent_steps: int = SEED.latent_steps,
                     trust_remote_code: bool = False) -> Path:
     """Wrap a base model with a freshly initialised head (seeded) and write a seed-format checkpoint."""
     with lock_beside(out, "checkpoint folder"):  # held from the first check to the rename

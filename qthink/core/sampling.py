@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from qthink.errors import require
+from qthink.recipe import SEED
 
 _MASK64 = (1 << 64) - 1
 
@@ -57,9 +58,9 @@ class Sampler:
     """Temperature / top-k / top-p sampling by the Gumbel-max trick on per-row counter noise."""
 
     seeds: Tensor  # [B] int64, one per output row
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
+    temperature: float = SEED.temperature
+    top_p: float = SEED.top_p
+    top_k: int = SEED.top_k
 
     def __post_init__(self) -> None:
         require(self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})")

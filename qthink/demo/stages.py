@@ -11,6 +11,7 @@ from typing import Any
 
 from qthink.errors import require
 from qthink.files import atomic_write_text
+from qthink.recipe import SEED
 from qthink.shipped import config_file
 from qthink.tasks.synthetic import parse_steps
 
@@ -28,7 +29,7 @@ class DemoSettings:
     fit_steps: int = 1500  # optimizer steps per fit (on 2-4-step chains the adaptive student's validation reaches 100% by 1,000 of 1,500; F17)
     fit_batch_size: int = 32  # problems per step
     lr: float = 3e-3  # LoRA + head learning rate (cosine to 0 after 3% warm-up)
-    recipe_K: int = 6  # latent steps of the published recipe's rows (the seed's K; linspace positions)
+    recipe_K: int = SEED.latent_steps  # latent steps of the published recipe's rows (the seed's K; linspace positions)
     eval_problems: int = 300  # held-out synthetic test problems (disjoint from training by construction)
     max_new_tokens: int = 50  # generation budget (a thinking answer is about 8 tokens per step + 5; 4 steps: ~37)
     val_every: int = 250  # validation (64 held-out problems) every this many steps

@@ -44,6 +44,7 @@ from qthink.files import (
 )
 from qthink.identity import comparable, fingerprint, project_ref
 from qthink.ownership import claim
+from qthink.recipe import SEED
 from qthink.tasks.base import THINK_CLOSE, THINK_OPEN
 from qthink.teachers import distributed
 from qthink.teachers.positions import (
@@ -172,8 +173,8 @@ class StoreSpec:
     step count (`adaptive`, steps positions)."""
 
     out: Path
-    K: int = 6
-    position_scheme: str = "linspace"
+    K: int = SEED.latent_steps
+    position_scheme: str = SEED.position_scheme
     adaptive: bool = False
 
 
@@ -280,11 +281,10 @@ def finished_shards(out: Path, settings: dict, legacy: dict) -> dict[str, dict]:
     return found
 
 
-def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = 6, dtype: str = "bfloat16",
-                   batch_size: int = 16, position_scheme: str = "linspace", shard_size: int = 256,
-                   model_dtype: str = "auto", device: str | None = None,
-                   on_shard: Callable[[dict], None] | None = None, trust_remote_code: bool = False,
-                   adaptive: bool = False) -> dict:
+def build_teachers(base: str, rollouts: str | Path, out: str | Path, K: int = SEED.latent_steps,
+                   dtype: str = "bfloat16", batch_size: int = 16, position_scheme: str = SEED.position_scheme,
+                   shard_size: int = 256, model_dtype: str = "auto", device: str | None = None,
+                   on_shard: Callable[[dict], None] | None = None, trust_remote_code: bool = False, adaptive: bool = False) -> dict:
     """Build (or finish) the teacher store `out` from the rollouts directory `rollouts`; returns the
     manifest. `on_shard(entry)` is called after each shard is on disk.
 

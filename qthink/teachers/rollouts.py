@@ -46,6 +46,7 @@ from qthink.files import (
 )
 from qthink.identity import comparable, fingerprint, project_ref
 from qthink.ownership import claim
+from qthink.recipe import SEED
 from qthink.tasks.base import THINK_CLOSE, thinking_completion
 from qthink.teachers import distributed
 
@@ -261,8 +262,9 @@ def sample_group(model, tokenizer, prompts: list[list[int]], indices: list[int],
 
 
 def run_rollouts(base: str, task: str, out: str | Path, split: str = "train", data_path: str | None = None,
-                 G: int = 16, temperature: PositiveFinite = 0.6, top_p: float = 0.95, top_k: int = 20,
-                 max_new_tokens: int = 4096, batch_size: int = 8, seed: Seed = 0, limit: int | None = None,
+                 G: int = SEED.G, temperature: PositiveFinite = SEED.temperature, top_p: float = SEED.top_p,
+                 top_k: int = SEED.top_k, max_new_tokens: int = SEED.rollout_max_new_tokens, batch_size: int = 8,
+                 seed: Seed = 0, limit: int | None = None,
                  dtype: str = "auto", device: str | None = None,
                  on_problem: Callable[[int], None] | None = None, decode_mode: str = "dynamic",
                  task_options: dict[str, Any] | None = None, grade_unclosed: bool = False) -> dict:

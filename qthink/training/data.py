@@ -31,6 +31,7 @@ from qthink.core.model import generation_config, hidden_size_of
 from qthink.core.sequences import encode_prompts, left_pad, right_pad, stop_ids
 from qthink.errors import UserError, require
 from qthink.identity import require_same_base, resolve_ref
+from qthink.recipe import SEED
 from qthink.tasks import load_problems
 from qthink.tasks.base import THINK_CLOSE
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
@@ -247,10 +248,10 @@ class TeacherDataModule(L.LightningDataModule):
         base_model: str | None = None,
         teacher_steps: int | None = None,
         adaptive: bool = False,
-        batch_size: PositiveCount = 1,
+        batch_size: PositiveCount = SEED.batch_size,
         num_workers: Count = 0,
-        max_prompt_tokens: PositiveCount = 1024,
-        max_answer_tokens: PositiveCount = 256,
+        max_prompt_tokens: PositiveCount = SEED.max_prompt_tokens,
+        max_answer_tokens: PositiveCount = SEED.max_answer_tokens,
         answer_source: Literal["rollout", "reference"] = "rollout",
         train_limit: PositiveCount | None = None,
         val_split: str = "test",

@@ -19,7 +19,7 @@ relies on.
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -43,11 +43,8 @@ from qthink.core.model import QThink, load_base
 from qthink.core.sequences import output_text, stop_ids
 from qthink.errors import UserError, require
 from qthink.measure import train_flops
+from qthink.recipe import SEED, Distill, Teacher  # every default below is the seed's recipe
 from qthink.training.run_logging import training_callbacks
-
-Distill = Literal["per_step", "final_step", "none"]
-Teacher = Literal["uniform", "weighted"]
-QWEN3_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -61,10 +58,10 @@ class LoraArgs:
         target_modules: Linear layers that get adapters: every attention and MLP projection of a Qwen3 block.
     """
 
-    r: ranges.Count = 32
-    alpha: ranges.PositiveCount = 16
-    dropout: ranges.Probability = 0.0
-    target_modules: tuple[str, ...] = QWEN3_PROJECTIONS
+    r: ranges.Count = SEED.lora_r
+    alpha: ranges.PositiveCount = SEED.lora_alpha
+    dropout: ranges.Probability = SEED.lora_dropout
+    target_modules: tuple[str, ...] = SEED.lora_target_modules
 
 
 class NonFiniteLossError(UserError):
@@ -173,19 +170,19 @@ class QThinkModule(L.LightningModule):
         self,
         base_model: str,
         lora: LoraArgs = LoraArgs(),  # noqa: B008 (frozen dataclass: a shared default is safe)
-        latent_steps: ranges.Count = 6,
+        latent_steps: ranges.Count = SEED.latent_steps,
         adaptive: bool = False,
         halt_weight: ranges.NonNegativeFinite = 1.0,
-        distill: Distill = "per_step",
-        teacher: Teacher = "uniform",
-        gamma: ranges.NonNegativeFinite = 2.0,
-        lr: ranges.PositiveFinite = 2e-4,
-        weight_decay: ranges.NonNegativeFinite = 0.0,
-        warmup_ratio: ranges.Fraction = 0.03,
+        distill: Distill = SEED.distill,
+        teacher: Teacher = SEED.teacher,
+        gamma: ranges.NonNegativeFinite = SEED.gamma,
+        lr: ranges.PositiveFinite = SEED.lr,
+        weight_decay: ranges.NonNegativeFinite = SEED.weight_decay,
+        warmup_ratio: ranges.Fraction = SEED.warmup_ratio,
         warmup_steps: ranges.Count | None = None,
-        min_lr_ratio: ranges.Fraction = 0.0,
+        min_lr_ratio: ranges.Fraction = SEED.min_lr_ratio,
         seed: ranges.Seed = 0,
-        val_max_new_tokens: ranges.PositiveCount = 256,
+        val_max_new_tokens: ranges.PositiveCount = SEED.max_answer_tokens,
         val_task: str | None = None,
         val_log_samples: ranges.Count = 4,
         trust_remote_code: bool = False,
