@@ -11,6 +11,7 @@ from qthink.bench.gpu import QWEN3_1P7B
 from qthink.bench.inference import (
     flatten_result,
     nocache_generate,
+    pass_times,
     spread_weights,
     tiny_qthink,
 )
@@ -38,8 +39,27 @@ def test_bench_inference_rows(tmp_path, capsys):
     for r in rows:
         assert ROW_FIELDS <= set(r) and r["problems_per_s"] > 0 and r["tokens_per_s"] > 0
     assert all(r["identical_to_seed"] for r in rows if r["system"] == "qthink")
+    for r in rows:  # the pass timings ride on the qthink rows only
+        has_passes = {"latent_pass_ms", "decode_pass_ms", "pass_ratio"} <= set(r)
+        assert has_passes == (r["system"] == "qthink")
+        assert not has_passes or r["pass_ratio"] == r["latent_pass_ms"] / r["decode_pass_ms"]
     assert rows[0]["speedup_vs_seed"] == 1.0
     assert "| qthink | 4 |" in capsys.readouterr().out
+
+
+def test_pass_times_runs_the_passes_it_divides_by(qt):
+    """Three runs per round (prefill; + 3 latent passes; + 3 decoding passes), one warm-up round and one timed:
+    the decoder sees 2 x (1 + 4 + 4) calls and the head 2 x 3."""
+    calls = {"decoder": 0, "head": 0}
+    hooks = [qt.model.get_decoder().register_forward_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1)),
+             qt.head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))]
+    try:
+        latent_ms, decode_ms = pass_times(qt, ["a=1 b=a+2 b?", "what is the total left?"], passes=3, repeats=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"decoder": 18, "head": 6}
+    assert math.isfinite(latent_ms) and math.isfinite(decode_ms)
 
 
 def test_nocache_recipe_equals_seed_recipe(qt):

@@ -13,12 +13,15 @@
              at the largest batch size.
 Timings are `time.perf_counter` medians over repeats after one warm-up call per system; every system
 returns host-side token lists, so GPU work is finished when the clock stops. qthink rows say whether
-their tokens equal the seed's, question by question.
+their tokens equal the seed's, question by question, and what one latent pass and one decoding pass cost
+at that batch (`latent_pass_ms`, `decode_pass_ms`, `pass_ratio`: see `pass_times`).
 """
 
 import argparse
 import math
+import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,11 +31,11 @@ from torch import nn
 from qthink.arguments import parse_decode_modes
 from qthink.bench.seed_recipe import seed_generate
 from qthink.core.device import parse_dtype
-from qthink.core.latent import ProjectionHead, model_parts
+from qthink.core.latent import ProjectionHead, decode, model_parts, think
 from qthink.core.model import HEAD_PT, HEAD_ST, QThink, init_checkpoint
-from qthink.core.sequences import encode_prompts
+from qthink.core.sequences import encode_prompts, left_pad
 from qthink.errors import UserError, require
-from qthink.measure import timed, write_json
+from qthink.measure import sync, timed, write_json
 from qthink.recipe import SEED
 from qthink.tables import records_table
 
@@ -118,6 +121,41 @@ def nocache_generate(model: nn.Module, tokenizer, head: nn.Module, question: str
 
 # ---- measuring ----
 
+PASSES = 32  # steps per pass measurement: enough that they, not the shared prefill, dominate each timed run
+
+
+@torch.inference_mode()
+def pass_times(qt: QThink, questions: list[str], decode_mode: str = "dynamic", passes: int = PASSES,
+               repeats: int = 3) -> tuple[float, float]:
+    """(ms of one latent pass, ms of one decoding pass) of `qt` on `questions` as one batch, at the same cache
+    lengths: three runs of the real loop from the same prefill, timed in turn `repeats` times, `think` with
+    K = 0 then `decode` of 1 token (P), `think` with K = `passes` then 1 token (L), and K = 0 then `passes` + 1
+    tokens with no EOS, so every row decodes them all (D). A latent pass is the median of (L - P) / passes
+    (head + one decoder step), a decoding pass of (D - P) / passes (LM head, argmax, bookkeeping, embedding +
+    one decoder step); the capacity (prompt + passes + 1) is the same in all three."""
+    tok = qt.tokenizer
+    qt.check_request([len(p) for p in encode_prompts(tok, questions)], passes, 1)
+    batch = left_pad(encode_prompts(tok, questions), tok.pad_token_id, qt.device)
+
+    def run(latent_steps: int, tokens: int) -> float:
+        began = time.perf_counter()
+        state = think(qt.model, qt.head, batch.input_ids, batch.attention_mask, latent_steps,
+                      passes + 1 - latent_steps, decode_mode)
+        decode(qt.model, state, tokens, -1, tok.pad_token_id)  # -1: no token stops a row
+        sync(qt.device)
+        return time.perf_counter() - began
+
+    shapes = ((0, 1), (passes, 1), (0, passes + 1))
+    for shape in shapes:  # warm-up (and, for `compiled`, compilation)
+        run(*shape)
+    latent, decoding = [], []
+    for _ in range(max(1, repeats)):
+        prefill, latents, tokens = (run(*shape) for shape in shapes)
+        latent.append((latents - prefill) / passes)
+        decoding.append((tokens - prefill) / passes)
+    return 1000 * statistics.median(latent), 1000 * statistics.median(decoding)
+
+
 
 def bench_row(system: str, batch_size: int, seconds: float, tokens: list[list[int]]) -> dict:
     n, total = len(tokens), sum(map(len, tokens))
@@ -166,6 +204,9 @@ def bench_inference(qt: QThink, questions: list[str], batch_sizes: list[int], la
             reference = tokens
         elif system in ("qthink", "nocache") and reference is not None:
             row["identical_to_seed"] = tokens == reference
+        if system == "qthink" and qt.head is not None:
+            latent_ms, decode_ms = pass_times(qt, questions[:b], mode, repeats=repeats)
+            row.update(latent_pass_ms=latent_ms, decode_pass_ms=decode_ms, pass_ratio=latent_ms / decode_ms)
         rows.append(row)
     seed_seconds = next((r["seconds"] for r in rows if r["system"] == "seed"), None)
     for row in rows:
@@ -217,7 +258,8 @@ def run_other(bench: str, base_dir: Path, work: Path, device: str | None, store:
 
 
 INFERENCE_COLUMNS = ["system", "batch_size", "decode_mode", "problems_per_s", "tokens_per_s", "seconds_per_problem",
-                     "mean_tokens", "speedup_vs_seed", "identical_to_seed"]
+                     "mean_tokens", "speedup_vs_seed", "identical_to_seed", "latent_pass_ms", "decode_pass_ms",
+                     "pass_ratio"]
 
 
 # ---- CLI ----
