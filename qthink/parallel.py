@@ -49,27 +49,34 @@ def default_workers() -> int:
 def run_jobs(jobs: Iterable[Job], workers: int, on_done: Callable[[str, Any, float], None]) -> None:
     """Run every job, at most `workers` at a time, calling `on_done(name, result, seconds)` in this process
     as each one finishes (in completion order). With one worker the jobs run here, one after another. The
-    first job that raises stops the rest and re-raises here."""
+    first job that raises (or Ctrl-C/SIGTERM here) starts no further job; the running ones end, and it
+    re-raises here."""
     jobs = list(jobs)
     if workers <= 1 or len(jobs) <= 1:
         for name, fn, args in jobs:
             began = time.perf_counter()
             on_done(name, fn(*args), time.perf_counter() - began)
         return
+    # Jobs are handed out one per free worker, never queued ahead: the pool would start a queued job after a
+    # failure, Ctrl-C or SIGTERM here, which no cancel can stop (it is already "running" in the call queue).
+    todo = iter(jobs)
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
                              initializer=quiet_worker) as pool:
-        started = {pool.submit(_timed, fn, args): name for name, fn, args in jobs}
-        pending = set(started)
-        try:
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    result, seconds = future.result()
-                    on_done(started[future], result, seconds)
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
+        running: dict = {}
+
+        def start_next() -> None:
+            for name, fn, args in todo:
+                running[pool.submit(_timed, fn, args)] = name
+                return
+
+        for _ in range(min(workers, len(jobs))):
+            start_next()
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                result, seconds = future.result()  # a failed job raises here: nothing more starts
+                on_done(running.pop(future), result, seconds)
+                start_next()
 
 
 def _timed(fn: Callable[..., Any], args: tuple) -> tuple[Any, float]:

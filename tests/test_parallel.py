@@ -4,6 +4,7 @@ fails the call; ranks find each other like torchrun's."""
 import json
 import math
 import os
+import time
 
 import pytest
 
@@ -22,6 +23,16 @@ def test_run_jobs_returns_every_result_to_the_caller_in_one_process_or_two():
 def test_a_failing_job_fails_the_call():
     with pytest.raises(ValueError, match="math domain error"):
         run_jobs([("ok", math.sqrt, (4.0,)), ("bad", math.sqrt, (-1.0,))], 2, lambda *a: None)
+
+
+def test_no_job_starts_after_one_failed(tmp_path):
+    """A pool queues jobs ahead of its workers; one queued when the first job fails would still start (the demo
+    started a fit after SIGTERM that way). Jobs are handed out one per free worker instead."""
+    later = tmp_path / "later"
+    with pytest.raises(ValueError, match="math domain error"):
+        run_jobs([("bad", math.sqrt, (-1.0,)), ("slow", time.sleep, (2.0,)), ("later", os.mkdir, (str(later),))], 2,
+                 lambda *a: None)
+    assert not later.exists()
 
 
 def test_run_ranks_gives_every_ranks_result_and_names_a_failing_rank():
