@@ -12,7 +12,6 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -139,7 +138,7 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
     return removed
 
 
-@contextmanager
+@contextlib.contextmanager
 def unfinished(outputs: list[tuple[Path, dict]], write: Callable[[Path, dict], None]) -> Iterator[None]:
     """Inside: each output's manifest (`write(folder, manifest)`) says `complete: false` and names this process
     as its writer (pid, host); the writer rewrites it with `complete: true` at the very end. On an error,

@@ -45,7 +45,9 @@ def fingerprint_of(digests: dict[str, str]) -> str:
 
 def write_checksums(folder: Path) -> None:
     """Record the sha256 of every file in `folder` (and the model's fingerprint) in `qthink-checksums.json`."""
-    digests = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS and not p.name.startswith(".")}  # not qthink's markers/locks
+    # qthink's own markers and locks (dot files) are not the model's
+    digests = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+               if p.is_file() and p.name != CHECKSUMS and not p.name.startswith(".")}
     record = {"format": 1, "fingerprint": fingerprint_of(digests), "sha256": digests}
     atomic_write_text(folder / CHECKSUMS, json.dumps(record, indent=2) + "\n")
 

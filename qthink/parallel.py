@@ -65,9 +65,10 @@ def run_jobs(jobs: Iterable[Job], workers: int, on_done: Callable[[str, Any, flo
         running: dict = {}
 
         def start_next() -> None:
-            for name, fn, args in todo:
+            job = next(todo, None)
+            if job is not None:
+                name, fn, args = job
                 running[pool.submit(_timed, fn, args)] = name
-                return
 
         for _ in range(min(workers, len(jobs))):
             start_next()

@@ -123,7 +123,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
                    help="optimizer steps per fit (default 1500; longer chains need longer fits to converge)")
     p.add_argument("--patience", type=int, default=None,
                    help="stop each fit early when validation reaches 100%% or has not improved for this many checks "
-                   "(default 0: every fit runs --fit-steps; 2 saves about a third of the adaptive and SFT fits, F20)")
+                   "(default 0: every fit runs --fit-steps; with 2, SFT stopped at step 1,000 of 1,500, F22)")
     p.add_argument("--systems", default=None,
                    help="comma-separated students to fit and evaluate, or all (default: "
                    + ", ".join(x.name for x in SYSTEMS if x.variant and x.default) + "; also: "

@@ -39,6 +39,7 @@ from qthink.files import (
     read_json,
     remove_stale_temp_files,
     require_same_settings,
+    sha256_file,
     unfinished,
     writable_dir,
 )
@@ -55,7 +56,7 @@ from qthink.teachers.positions import (
     think_span,
 )
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
-from qthink.teachers.store import MANIFEST, sha256_file, shard_name, write_manifest, write_shard
+from qthink.teachers.store import MANIFEST, shard_name, write_manifest, write_shard
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 HIDDEN_STATE = "post-norm last layer (last_hidden_state)"
