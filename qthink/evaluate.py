@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 from qthink.arguments import add_decode_mode_argument, require_positive
 from qthink.core.device import parse_dtype
 from qthink.core.model import HEAD_PT, HEAD_ST, QThink
-from qthink.core.sequences import output_text
 from qthink.errors import require
 from qthink.files import atomic_write_text
 from qthink.ownership import Output, claim, plain_name
 from qthink.recipe import SEED
+from qthink.scoring import Decoding, score_all
 from qthink.tables import markdown_table
 from qthink.tasks import (
     Task,
@@ -39,7 +39,6 @@ from qthink.tasks import (
     make_task,
     parse_task_options,
     print_note,
-    split_think,
 )
 
 MODES = ("qthink", "think", "nothink")
@@ -111,38 +110,6 @@ def choose_threads(qt: QThink, threads: int | None = None) -> int:
     return torch.get_num_threads()
 
 
-def generate_timed(qt: QThink, questions: list[str], latent_steps: int | None, max_new_tokens: int, batch_size: int,
-                   enable_thinking: bool, bar=None, decode_mode: str = "dynamic") -> tuple[list[dict], list[float]]:
-    """`QThink.generate`, timing each of the batches it forms: (results in question order, each problem's
-    share of its batch's seconds)."""
-    seconds = [0.0] * len(questions)
-    last = time.perf_counter()
-
-    def batch_done(indices: list[int]) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        for i in indices:
-            seconds[i] = (now - last) / len(indices)
-        last = now
-        if bar is not None:
-            bar.update(len(indices))
-
-    results = qt.generate(questions, latent_steps, max_new_tokens, batch_size, enable_thinking, on_batch=batch_done,
-                          decode_mode=decode_mode)
-    return results, seconds
-
-
-def prediction(task: Task, record: dict, question: str, result: dict, seconds: float, text: str,
-               grade_unclosed: bool = False) -> dict:
-    think, _, closed = split_think(text)
-    scores = task.grade(text, record, grade_unclosed)
-    return {"problem_id": task.problem_id(record), "prompt": question, "reference": task.reference(record),
-            "output": text, "tokens": len(result["token_ids"]), "latent_steps": result.get("latent_steps", 0),
-            "chain_length": task.chain_length(record), "correct": scores[task.metrics[0]] == 1.0,
-            **{m: float(scores[m]) for m in task.metrics}, "seconds": seconds, "finished": result["finished"],
-            "unclosed_think": think is not None and not closed}
-
-
 def by_length(preds: list[dict], task: Task) -> dict:
     """Where the task knows each problem's number of reasoning steps: the headline metric per length
     (`by_length`: {"3": {"problems", metric, "mean_latent_steps"}}) and how often the latent steps taken equal
@@ -193,15 +160,12 @@ def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test",
     spec = resolve_targets([f"{path}:{mode}"], names=[name] if name else ())[0]
     qt = model or load_target(path, mode, dtype, device, trust_remote_code)
     k = (qt.latent_steps if latent_steps is None else latent_steps) if mode == "qthink" else 0
-    questions = [task.prompt(r) for r in records]
-    bar = tqdm(total=len(questions), unit="problem", desc=spec.name, disable=not progress, dynamic_ncols=True)
+    decoding = Decoding(latent_steps if mode == "qthink" else 0, max_new_tokens, decode_mode, grade_unclosed)
+    bar = tqdm(total=len(records), unit="problem", desc=spec.name, disable=not progress, dynamic_ncols=True)
     began = time.perf_counter()
     with bar:  # latent_steps None: the checkpoint's K, or each problem's own where the model chooses (adaptive)
-        results, seconds = generate_timed(qt, questions, latent_steps if mode == "qthink" else 0, max_new_tokens,
-                                          batch_size, mode == "think", bar, decode_mode)
+        preds = score_all(qt, task, records, decoding, batch_size, mode == "think", bar.update)
     wall = time.perf_counter() - began
-    preds = [prediction(task, r, q, res, s, output_text(qt.tokenizer, res["token_ids"], res["finished"]), grade_unclosed)
-             for r, q, res, s in zip(records, questions, results, seconds, strict=True)]
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": str(qt.model.dtype),
                 "device": str(qt.device), "decode_mode": decode_mode, "grade_unclosed": grade_unclosed}
     summary = summarize(preds, task, split, spec, k, wall, settings)

@@ -14,11 +14,11 @@ from qthink.evaluate import (
     default_mode,
     evaluate,
     format_table,
-    prediction,
     resolve_targets,
     split_mode,
     summarize,
 )
+from qthink.scoring import prediction
 from qthink.tasks import get_task
 
 PRED_FIELDS = {"problem_id", "prompt", "output", "tokens", "correct", "exact_match", "seconds", "finished"}
@@ -92,11 +92,11 @@ def test_unclosed_think_has_no_answer_and_is_counted():
     task = get_task("synthetic")
     record = task.load("test", n=1)[0]
     answer = record["answer"]
-    result = {"token_ids": [1, 2, 3], "finished": False}
-    unclosed = prediction(task, record, "q", result, 0.1, f"<think>\nso the answer is {answer}")
-    closed = prediction(task, record, "q", {**result, "finished": True}, 0.1, f"<think>\n{answer}\n</think>\n\n0")
+    result = {"token_ids": [1, 2, 3], "finished": False, "answer": f"<think>\nso the answer is {answer}"}
+    unclosed = prediction(task, record, result, 0.1)
+    closed = prediction(task, record, {**result, "finished": True, "answer": f"<think>\n{answer}\n</think>\n\n0"}, 0.1)
     assert unclosed["unclosed_think"] and not unclosed["correct"]  # its reasoning mentions the answer: no credit
-    as_is = prediction(task, record, "q", result, 0.1, f"<think>\nso the answer is {answer}", grade_unclosed=True)
+    as_is = prediction(task, record, result, 0.1, grade_unclosed=True)
     assert as_is["correct"]  # --grade-unclosed: graded on the whole output
     assert not closed["unclosed_think"] and (closed["correct"] == (answer == "0"))  # graded after </think>
     target = resolve_targets(["base:think"])[0]
@@ -218,3 +218,43 @@ def test_a_limit_larger_than_the_split_says_how_many_it_evaluates(tiny_base, tmp
     notes = []
     records = load_problems(get_task("gsm8k"), "test", str(data), 10, notes.append)
     assert len(records) == 3 and notes == [note]
+
+
+def test_validation_and_eval_run_one_scoring_step_with_the_same_records(teacher_store, tiny_base, monkeypatch):
+    """Validation (`QThinkModule` under `Trainer.validate`) and `qthink eval` both go through
+    `qthink.scoring.score_batch`, and on the same weights, batched differently, every problem's record (output,
+    scores, tokens, latent steps) is the same and `val/exact_match` is eval's exact match. Fails if either path
+    decodes or grades its own way."""
+    import lightning as L
+
+    from qthink import scoring
+    from qthink.training.data import TeacherDataModule
+    from qthink.training.module import QThinkModule
+
+    seen = {"validation": [], "eval": []}
+    stage, real = ["validation"], scoring.score_batch
+
+    def spy(*args, **kwargs):
+        preds = real(*args, **kwargs)
+        seen[stage[0]].extend({k: v for k, v in p.items() if k != "seconds"} for p in preds)
+        return preds
+
+    monkeypatch.setattr(scoring, "score_batch", spy)
+    module = QThinkModule(str(tiny_base), val_max_new_tokens=8)
+    module.configure_model()
+    spread_weights(module.model, 0)  # outputs that depend on the prompt, so a batching or decoding error shows
+    spread_weights(module.head, 1)
+    data = TeacherDataModule(str(teacher_store), base_model=str(tiny_base), val_split="validation", val_limit=6,
+                             val_batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False)
+    logged = trainer.validate(module, data)[0]
+    stage[0] = "eval"
+    records = [ex.record for ex in data.datasets["val"]]
+    summary = evaluate(module.as_qthink(), data.task, "validation", records=records, max_new_tokens=8, batch_size=3,
+                       progress=False)
+    assert len(seen["validation"]) == len(seen["eval"]) == 6
+    by_id = {p["problem_id"]: p for p in seen["eval"]}
+    assert [by_id[p["problem_id"]] for p in seen["validation"]] == seen["validation"]
+    assert len({p["output"] for p in seen["eval"]}) > 2, "outputs do not depend on the problem"
+    assert logged["val/exact_match"] == pytest.approx(summary["metrics"]["exact_match"])

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from qthink.core.latent import DECODE_MODES, HaltingHead, ProjectionHead, generate
 from qthink.core.sampling import Sampler, row_seed
-from qthink.core.sequences import encode_prompts, left_pad, output_text, stop_ids
+from qthink.core.sequences import encode_prompts, left_pad, length_batches, output_text, stop_ids
 from qthink.errors import UserError, require
 from qthink.files import temp_dir_beside, writable_dir
 from qthink.identity import fingerprint, verify_checksums, write_checksums
@@ -310,32 +310,37 @@ class QThink(nn.Module):
         require(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
         check_decode_mode(decode_mode)
         k = self.latent_steps if latent_steps is None else latent_steps
-        halting = self.halting_head if latent_steps is None and k > 0 else None
         prompts = encode_prompts(self.tokenizer, questions, enable_thinking)
         self.check_request([len(p) for p in prompts], k, max_new_tokens)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[dict | None] = [None] * len(prompts)
-        pad, eos = self.tokenizer.pad_token_id, stop_ids(self.tokenizer, getattr(self.model, "generation_config", None))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = left_pad([prompts[i] for i in idx], pad, self.device)
+        for idx in length_batches(prompts, batch_size):
+            batch = left_pad([prompts[i] for i in idx], self.tokenizer.pad_token_id, self.device)
             sampler = None
             if sampler_seed is not None:
                 seeds = torch.tensor([row_seed(sampler_seed, i) for i in idx], device=self.device)
                 sampler = Sampler(seeds, temperature, top_p, top_k)
-            gen = generate(self.model, self.head, batch.input_ids, batch.attention_mask, k, max_new_tokens, eos, pad,
-                           sampler, decode_mode=decode_mode, halting_head=halting)
-            # one device-to-host copy per batch, not two per row (each would be a GPU sync)
-            tokens, lengths, finished = gen.tokens.tolist(), gen.lengths.tolist(), gen.finished.tolist()
-            taken = gen.latent_steps.tolist() if gen.latent_steps is not None else [k] * len(idx)
-            for row, i in enumerate(idx):
-                ids = tokens[row][: lengths[row]]
-                text = output_text(self.tokenizer, ids, finished[row])
-                results[i] = {"question": questions[i], "answer": text, "token_ids": ids, "finished": finished[row],
-                              "latent_steps": taken[row]}
+            for i, result in zip(idx, self.decode(batch.input_ids, batch.attention_mask, latent_steps, max_new_tokens,
+                                                  sampler, decode_mode), strict=True):
+                results[i] = {"question": questions[i], **result}
             if on_batch is not None:
                 on_batch(idx)
         return results  # type: ignore[return-value]
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_steps: int | None = None,
+               max_new_tokens: int = SEED.max_answer_tokens, sampler: Sampler | None = None,
+               decode_mode: str = "dynamic") -> list[dict]:
+        """One batch of left-padded prompts -> per row `answer` (`output_text`), `token_ids`, `finished` and
+        `latent_steps` (taken). `latent_steps` None: the model's K, and an adaptive model chooses each row's."""
+        k = self.latent_steps if latent_steps is None else latent_steps
+        halting = self.halting_head if latent_steps is None and k > 0 else None
+        pad, eos = self.tokenizer.pad_token_id, stop_ids(self.tokenizer, getattr(self.model, "generation_config", None))
+        gen = generate(self.model, self.head, input_ids, attention_mask, k, max_new_tokens, eos, pad, sampler,
+                       decode_mode=decode_mode, halting_head=halting)
+        # one device-to-host copy per batch, not two per row (each would be a GPU sync)
+        tokens, lengths, finished = gen.tokens.tolist(), gen.lengths.tolist(), gen.finished.tolist()
+        taken = gen.latent_steps.tolist() if gen.latent_steps is not None else [k] * len(tokens)
+        return [{"answer": output_text(self.tokenizer, row[:n], done), "token_ids": row[:n], "finished": done,
+                 "latent_steps": steps} for row, n, done, steps in zip(tokens, lengths, finished, taken, strict=True)]
 
 
 def require_finite(module: nn.Module, where: str | Path) -> None:

@@ -47,6 +47,12 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "c
     return Batch(ids.to(device), mask.to(device))
 
 
+def length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Positions of `prompts` in batches of at most `batch_size` prompts of similar length (less padding)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def output_text(tokenizer, token_ids: list[int], finished: bool) -> str:
     """The decoded output without its final EOS, with `<think>`/`</think>` kept: the graders split on them,
     and a tokenizer that marks them special (the tiny one does) would drop them with skip_special_tokens."""

@@ -30,20 +30,20 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from qthink import arguments as ranges  # types whose range jsonargparse checks when it parses the config
+from qthink import scoring  # the one evaluation step, shared with `qthink eval`
 from qthink.core.latent import (
     HaltingHead,
     ProjectionHead,
     answer_hidden,
     answer_token_losses,
-    generate,
     model_parts,
     think,
 )
 from qthink.core.model import QThink, load_base
-from qthink.core.sequences import output_text, stop_ids
 from qthink.errors import UserError, require
 from qthink.measure import train_flops
 from qthink.recipe import SEED, Distill, Teacher  # every default below is the seed's recipe
+from qthink.scoring import Decoding
 from qthink.training.run_logging import training_callbacks
 
 
@@ -332,7 +332,7 @@ class QThinkModule(L.LightningModule):
             self._require_finite(norm, "gradient norm", self.trainer.fit_loop.batch_idx)
             self.log("train/grad_norm", norm)  # before clipping (the Trainer clips after this hook)
 
-    # ---- validation / test: latent greedy decoding graded by the task ----
+    # ---- validation / test: `qthink.scoring.score_batch`, the step `qthink eval` runs ----
 
     def _task(self):
         if self._task_obj is None:
@@ -363,21 +363,15 @@ class QThinkModule(L.LightningModule):
         task = self._task()
         require(task is not None and self.eval_metrics is not None,
                 "validation needs a task: set model.val_task or use TeacherDataModule")
-        tok = self.tokenizer
-        gen = generate(self.model, self.head, batch["prompt_ids"], batch["prompt_mask"], self.latent_steps,
-                       self.val_max_new_tokens, stop_ids(tok, getattr(self.model, "generation_config", None)),
-                       tok.pad_token_id, halting_head=self.halting_head)
+        decoding = Decoding(max_new_tokens=self.val_max_new_tokens)  # greedy; the model's K (adaptive: its choice)
+        preds = scoring.score_batch(self.as_qthink(), task, batch["records"], batch["prompt_ids"], batch["prompt_mask"],
+                                    decoding)
         metrics = self.eval_metrics[stage]
-        samples = []
-        for row, record in enumerate(batch["records"]):
-            text = output_text(tok, gen.tokens[row, : gen.lengths[row]].tolist(), bool(gen.finished[row]))
-            scores = task.grade(text, record)
-            weight = 1.0 if batch.get("scored", [True] * len(batch["records"]))[row] else 0.0  # padding copies: 0
-            for name in task.metrics:
-                metrics[name].update(float(scores[name]), weight=weight)
-            if self.adaptive:  # how long the student chose to think
-                metrics["latent_steps"].update(float(gen.latent_steps[row]), weight=weight)
-            samples.append((task.prompt(record), text, task.reference(record), scores[task.metrics[0]]))
+        for pred, scored in zip(preds, batch.get("scored", [True] * len(preds)), strict=True):
+            weight = 1.0 if scored else 0.0  # padding copies that even out the ranks' shares: 0
+            for name in metrics:  # the task's metrics and, adaptive, how long the student chose to think
+                metrics[name].update(float(pred[name]), weight=weight)
+        samples = [(p["prompt"], p["output"], p["reference"], p[task.metrics[0]]) for p in preds]
         size = len(batch["records"])
         for name, metric in metrics.items():  # torchmetrics syncs across DDP ranks at epoch end
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=size, prog_bar=True)
