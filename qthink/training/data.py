@@ -36,6 +36,7 @@ from qthink.tasks import load_problems
 from qthink.tasks.base import THINK_CLOSE
 from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
 from qthink.teachers.store import TeacherStore
+from qthink.training.lightning_private import uses_distributed_sampler
 
 # ---- reading the pipeline's outputs ----
 
@@ -414,8 +415,7 @@ class TeacherDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableDataLoader:
         rank, world = self._rank_world()
-        connector = getattr(self.trainer, "_accelerator_connector", None)
-        require(world == 1 or not getattr(connector, "use_distributed_sampler", False),
+        require(world == 1 or not uses_distributed_sampler(self.trainer),
                 "set trainer.use_distributed_sampler: false; TeacherDataModule shards the data itself (resumably)")
         sampler = ResumableSampler(len(self.datasets["train"]), self.seed, self.shuffle, rank, world)
         return ResumableDataLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler,

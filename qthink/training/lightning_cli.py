@@ -35,7 +35,6 @@ from pathlib import Path
 from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf.errors import OmegaConfBaseException
@@ -48,6 +47,7 @@ from qthink.ownership import claim
 from qthink.signals import Terminated
 from qthink.training.checkpoints import AtomicCheckpointIO, StopCheckpoint, check_settings, read_checkpoint
 from qthink.training.data import TeacherDataModule
+from qthink.training.lightning_private import CLIHooks
 from qthink.training.module import QThinkModule
 
 TRAINER_DEFAULTS = {"use_distributed_sampler": False}  # TeacherDataModule shards the data itself, resumably
@@ -68,7 +68,7 @@ def teacher_steps(latent_steps: int, distill: str, adaptive: bool = False) -> in
     return None if distill == "none" and not adaptive else latent_steps
 
 
-class QThinkCLI(LightningCLI):
+class QThinkCLI(CLIHooks):
     def add_default_arguments_to_parser(self, parser) -> None:
         """`seed_everything` as Lightning has it (an integer, or true for a random seed), with the range
         numpy takes checked when the config is parsed rather than at `seed_everything` after it."""
@@ -84,7 +84,7 @@ class QThinkCLI(LightningCLI):
                               compute_fn=teacher_steps)
         parser.link_arguments("model.adaptive", "data.adaptive")
 
-    def _parse_ckpt_path(self) -> None:
+    def check_ckpt_path(self) -> None:
         """Lightning would load --ckpt_path here (a traceback for a damaged file) and silently replace the
         config's model settings with the checkpoint's; instead a named file is checked (before anything is
         built) and a mismatch refused. `last` is checked in `before_fit`, once the run folder is known."""
@@ -193,10 +193,10 @@ class QThinkCLI(LightningCLI):
         trainer.callbacks.insert(0, StopCheckpoint())  # before the ModelCheckpoints, whose on_exception it enables
         return trainer
 
-    def _run_subcommand(self, subcommand: str) -> None:
+    def run_subcommand(self, subcommand: str, run) -> None:
         try:
             with ExitStack() as self.outputs:  # the run folder claimed in before_fit is held until the run ends
-                super()._run_subcommand(subcommand)
+                run(subcommand)
         except SIGTERMException:  # Lightning stopped the loop at the end of a step (a SystemExit with code 0)
             raise Terminated from None
         except SystemExit as e:

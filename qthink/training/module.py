@@ -209,6 +209,7 @@ class QThinkModule(L.LightningModule):
         self.tokenizer = None
         self.eval_metrics: nn.ModuleDict | None = None
         self._task_obj = None
+        self.batch_idx = 0  # the training batch in this epoch (`on_train_batch_start`)
         self.flops_per_batch: float | None = None  # read by ThroughputMonitor (model FLOPs, `train_flops`)
         self.strict_loading = False  # checkpoints hold the trainable weights only
 
@@ -297,6 +298,7 @@ class QThinkModule(L.LightningModule):
         return training_callbacks(self.latent_steps)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self.batch_idx = batch_idx  # named in a non-finite gradient's error (the optimizer hook is not given it)
         ids, answer = batch["prompt_ids"], batch["answer_ids"]
         self.flops_per_batch = train_flops(self.model.config, ids.shape[0], ids.shape[1], self.latent_steps,
                                            answer.shape[1])[0]  # padded shapes: the work the device does
@@ -329,7 +331,7 @@ class QThinkModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norm = grad_norm(self, norm_type=2).get("grad_2.0_norm_total")  # of all gradients as one vector
         if norm is not None:
-            self._require_finite(norm, "gradient norm", self.trainer.fit_loop.batch_idx)
+            self._require_finite(norm, "gradient norm", self.batch_idx)
             self.log("train/grad_norm", norm)  # before clipping (the Trainer clips after this hook)
 
     # ---- validation / test: `qthink.scoring.score_batch`, the step `qthink eval` runs ----

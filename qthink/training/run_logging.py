@@ -10,6 +10,8 @@ import lightning as L
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ThroughputMonitor
 
+from qthink.training.lightning_private import throughputs
+
 THROUGHPUT_WINDOW = 10  # batches per throughput reading (ThroughputMonitor logs nothing until it has this many)
 COUNTERS = ("time", "batches", "samples", "lengths")  # Throughput's running totals: not rates, read by no one
 HP_METRIC_SOURCE = "val/exact_match"  # what TensorBoard's HPARAMS tab compares runs on
@@ -34,15 +36,14 @@ class Rates(Throughput):
 
 class RateMonitor(ThroughputMonitor):
     """ThroughputMonitor without `train/time`, `train/batches`, `train/samples`, `train/lengths` (and their
-    `validate/` twins), which crowd TensorBoard's scalars. It replaces the monitor's `Throughput` objects, a
-    private attribute (Lightning 2.6): if a Lightning upgrade renames it, setup fails loudly here instead of
-    the counters coming back (tests/test_module.py checks the logged names)."""
+    `validate/` twins), which crowd TensorBoard's scalars. It replaces the monitor's `Throughput` objects
+    (private: `lightning_private.throughputs`; tests/test_module.py checks the logged names)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        throughputs = self.__dict__["_throughputs"]  # KeyError on a Lightning that keeps them elsewhere
-        for key in throughputs:
-            throughputs[key] = Rates(available_flops=self.available_flops, world_size=trainer.world_size, **self.kwargs)
+        monitors = throughputs(self)
+        for key in monitors:
+            monitors[key] = Rates(available_flops=self.available_flops, world_size=trainer.world_size, **self.kwargs)
 
 
 class HpMetric(Callback):
