@@ -7,8 +7,8 @@ A target is evaluated in one of three modes:
 - `think`:   a base model with its visible chain of thought (`enable_thinking=True`, K = 0);
 - `nothink`: a base model answering at once (`enable_thinking=False`, K = 0).
 Give the mode as `TARGET:MODE` or with `--mode` (once for all targets or once per target); by default a
-directory with a projection head is `qthink` and anything else `think`. All decoding is
-`QThink.generate` (batched, greedy, so a rerun writes the same predictions). Each run writes
+directory with a projection head is `qthink` and anything else `think`. Every batch is
+`qthink.scoring.score_batch`, the step validation runs too (greedy, so a rerun writes the same predictions). Each run writes
 `OUT/<name>/predictions.jsonl` and `OUT/<name>/summary.json`; several targets also print (and write to
 `OUT/comparison.md`) one table in the seed model card's layout.
 """
