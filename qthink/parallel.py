@@ -14,7 +14,6 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -85,20 +84,16 @@ def _timed(fn: Callable[..., Any], args: tuple) -> tuple[Any, float]:
     return fn(*args), time.perf_counter() - began
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(fn: Callable[..., Any], kwargs: dict, world: int) -> list[Any]:
     """`fn(**kwargs)` on `world` spawned ranks (in this process when `world` is 1); every rank's result, in
     rank order."""
     if world <= 1:
         return [fn(**kwargs)]
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    port = find_free_network_port()
     procs = [ctx.Process(target=_rank_main, args=(rank, world, port, fn, kwargs, results)) for rank in range(world)]
     for p in procs:
         p.start()
