@@ -25,19 +25,27 @@ from qthink.signals import sigterm_as_interrupt
 Job = tuple[str, Callable[..., Any], tuple]  # (name, module-level function, its arguments)
 
 
-def quiet_worker() -> None:
-    """One torch thread and no library chatter in a worker process."""
-    import torch
-
-    torch.set_num_threads(1)
+def quiet_libraries() -> None:
+    """Silence per-call progress bars and advisories from transformers/hub that bury qthink's own output
+    (the `qthink` command, and every worker through `quiet_worker`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric", "transformers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+def quiet_worker() -> None:
+    """One torch thread and no library chatter in a worker process: `quiet_libraries`, and Lightning's
+    messages and every warning too (a worker's output would interleave with its siblings')."""
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_libraries()
 
 
 def default_workers() -> int:
