@@ -24,7 +24,7 @@ from qthink.core.latent import DECODE_MODES, HaltingHead, ProjectionHead, genera
 from qthink.core.sampling import Sampler, row_seed
 from qthink.core.sequences import encode_prompts, left_pad, output_text, stop_ids
 from qthink.errors import UserError, require
-from qthink.files import temp_dir_beside, writable_dir
+from qthink.files import read_json, temp_dir_beside, writable_dir
 from qthink.identity import fingerprint, verify_checksums, write_checksums
 from qthink.ownership import lock_beside, write_marker
 from qthink.recipe import SEED
@@ -207,12 +207,7 @@ class QThink(nn.Module):
         require(head_file is not None, f"{path_or_repo} has no {HEAD_ST} or {HEAD_PT}: it is a base model, not a "
                 "qthink checkpoint; wrap it with `qthink init BASE OUT`")
         meta_file = _fetch(path_or_repo, META)
-        info = {}
-        if meta_file is not None:
-            try:
-                info = json.loads(meta_file.read_text())
-            except json.JSONDecodeError as e:
-                raise UserError(f"{meta_file} is not valid JSON (line {e.lineno}); re-export the checkpoint") from e
+        info = read_json(meta_file, "re-export the checkpoint") if meta_file is not None else {}
         model, tokenizer = load_base(path_or_repo, dtype, trust_remote_code)
         head = build_head(load_head_state(head_file), model.config.hidden_size, head_file)
         require_finite(model, path_or_repo)

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qthink.errors import UserError, require
-from qthink.files import atomic_save, atomic_write_text, require_finished, sha256_file
+from qthink.files import atomic_save, atomic_write_text, read_json, require_finished, sha256_file
 
 FORMAT_VERSION = 2  # 2: `num_steps` per row and `adaptive` in the manifest
 MANIFEST = "manifest.json"
@@ -62,10 +62,7 @@ class TeacherStore:
         require(self.path.is_dir(), f"teacher store {self.path} does not exist; build it with `qthink teachers`")
         require(manifest_path.is_file(), f"{self.path} has no {MANIFEST}: not a finished teacher store "
                 "(rerun `qthink teachers` to complete it)")
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{manifest_path} is not valid JSON (line {e.lineno}); rebuild the store") from e
+        self.manifest = read_json(manifest_path, "rebuild the store")
         require_finished(self.manifest, f"teacher store {self.path}", lambda: f"{len(list(self.path.glob('shard-*.safetensors')))} "
                          f"of {self.manifest.get('shards_total')} shards", "rerun `qthink teachers` with the same settings")
         version = self.manifest.get("format_version")

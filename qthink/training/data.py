@@ -13,7 +13,6 @@ run with `use_distributed_sampler: false` (`qthink fit`'s default, not a config 
 last` then continues at the exact sample.
 """
 
-import json
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
@@ -30,11 +29,12 @@ from qthink.arguments import Count, PositiveCount, Seed
 from qthink.core.model import generation_config, hidden_size_of
 from qthink.core.sequences import encode_prompts, left_pad, right_pad, stop_ids
 from qthink.errors import UserError, require
+from qthink.files import read_json
 from qthink.identity import require_same_base, resolve_ref
 from qthink.recipe import SEED
 from qthink.tasks import load_problems
 from qthink.tasks.base import THINK_CLOSE
-from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
+from qthink.teachers.rollouts import MANIFEST, ROLLOUTS, parse_line, read_line, read_rollouts
 from qthink.teachers.store import TeacherStore
 
 # ---- reading the pipeline's outputs ----
@@ -316,8 +316,8 @@ class TeacherDataModule(L.LightningDataModule):
 
             named = self.rollouts_dir or store.manifest.get("rollouts")
             self.rollouts_path = Path(named) if self.rollouts_dir else Path(resolve_ref(named, store.path)) if named else None
-            found = self.rollouts_path / "manifest.json" if self.rollouts_path else None
-            rollouts_manifest = json.loads(found.read_text()) if found and found.is_file() else {}
+            found = self.rollouts_path / MANIFEST if self.rollouts_path else None
+            rollouts_manifest = read_json(found, "rerun `qthink rollouts`") if found and found.is_file() else {}
             task = self.task_name or store.manifest.get("task") or rollouts_manifest.get("task")
             require(task is not None, f"{store.path}/manifest.json names no task; set data.task")
             # the rollouts' own task options (e.g. synthetic steps) unless the config names others
