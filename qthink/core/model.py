@@ -76,17 +76,26 @@ def load_base(path_or_repo: str, dtype: torch.dtype | None = None, trust_remote_
         model = AutoModelForCausalLM.from_pretrained(
             str(path_or_repo), dtype=dtype or "auto", trust_remote_code=trust_remote_code
         )
-        tokenizer = AutoTokenizer.from_pretrained(str(path_or_repo), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as e:  # missing, unreachable, or a cut/damaged weights file
         where = "local directory" if local.exists() else "local directory or reachable Hugging Face repo"
         raise UserError(f"cannot load model {path_or_repo!r} ({where}): {str(e).splitlines()[0]}") from e
     if dtype is None and model.dtype == torch.float16 and not torch.cuda.is_available():
         model = model.float()  # fp16 matmuls are slow or missing on CPU
+    tokenizer = load_tokenizer(path_or_repo, trust_remote_code)
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
+
+
+def load_tokenizer(path_or_repo: str | Path, trust_remote_code: bool = False):
+    """A model's tokenizer, with a one-line error; pad falls back to EOS (Qwen3 has both)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path_or_repo), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of {str(path_or_repo)!r}: {str(e).splitlines()[0]}") from e
     require(tokenizer.eos_token_id is not None, f"tokenizer of {path_or_repo} has no EOS token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model.eval(), tokenizer
+    return tokenizer
 
 
 def looks_local(path_or_repo: str) -> bool:

@@ -26,9 +26,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from qthink.arguments import Count, PositiveCount, Seed
-from qthink.core.model import generation_config, hidden_size_of
+from qthink.core.model import generation_config, hidden_size_of, load_tokenizer
 from qthink.core.sequences import encode_prompts, left_pad, right_pad, stop_ids
-from qthink.errors import UserError, require
+from qthink.errors import require
 from qthink.files import read_json
 from qthink.identity import require_same_base, resolve_ref
 from qthink.recipe import SEED
@@ -38,20 +38,6 @@ from qthink.teachers.rollouts import MANIFEST, ROLLOUTS, parse_line, read_line, 
 from qthink.teachers.store import TeacherStore
 
 # ---- reading the pipeline's outputs ----
-
-
-def load_tokenizer(base_model: str, trust_remote_code: bool = False):
-    """The base model's tokenizer (pad falls back to EOS, as in `qthink.core.model.load_base`)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer of {base_model!r}: {str(e).splitlines()[0]}") from e
-    require(tok.eos_token_id is not None, f"tokenizer of {base_model} has no EOS token")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def same_model(a: str, b: str) -> bool:
