@@ -35,9 +35,22 @@ def add_decode_mode_argument(p: argparse.ArgumentParser) -> None:
                         "CUDA graphs on CUDA; the first batch of each shape compiles, ~30 s or more)")
 
 
+def comma_list(text: str) -> list[str]:
+    """The items of a comma-separated flag value, stripped, empty ones dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def comma_ints(text: str, flag: str) -> list[int]:
+    """A comma-separated list of integers; one line naming `flag` otherwise."""
+    try:
+        return [int(item) for item in comma_list(text)]
+    except ValueError as e:
+        raise UserError(f"{flag} takes comma-separated integers (got {text!r})") from e
+
+
 def parse_decode_modes(text: str) -> tuple[str, ...]:
     """`--decode-modes`: a comma-separated subset of `qthink.core.latent.DECODE_MODES`, in the order given."""
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    modes = tuple(comma_list(text))
     require(bool(modes) and set(modes) <= set(DECODE_MODES),
             f"--decode-modes: {text!r} is not a comma-separated subset of {','.join(DECODE_MODES)}")
     return modes

@@ -10,8 +10,6 @@ SIGTERM, handled the same way (`qthink.signals`), 143.
 
 import argparse
 import importlib
-import logging
-import os
 import sys
 
 from qthink.errors import UserError
@@ -31,16 +29,6 @@ COMMANDS = {
     "bench": ("qthink.bench.inference", "measure speed and memory against the seed recipe and alternatives"),
 }
 LIGHTNING = ("fit", "validate", "test")
-
-
-def quiet_libraries() -> None:
-    """Silence per-call progress bars and advisories from transformers/hub that bury qthink's own output."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 # ---- the foundation's own subcommands ----
@@ -190,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with sigterm_as_interrupt():
+            from qthink.parallel import quiet_libraries
+
             quiet_libraries()
             if name in LIGHTNING:
                 from qthink.training.lightning_cli import run_lightning_cli

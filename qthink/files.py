@@ -18,20 +18,30 @@ from typing import IO
 from qthink.errors import UserError, require
 
 
-def atomic_write(path: Path, write: Callable[[IO], object], binary: bool = False) -> None:
-    """Call `write(file)` on a temporary name beside `path`, flush it to disk, then rename: readers never see
-    half a file; an error or Ctrl-C removes the temporary file (`temp_path`), and what a kill -9 leaves
-    carries its owner, so only `remove_stale_temp_files` (its process has ended) ever deletes it."""
+def atomic_save(path: Path, save: Callable[[Path], object]) -> None:
+    """Call `save(temporary path)` beside `path`, flush the file to disk, then rename: readers never see half a
+    file; an error or Ctrl-C removes the temporary file (`temp_path`), and what a kill -9 leaves carries its
+    owner, so only `remove_stale_temp_files` (its process has ended) ever deletes it. For writers that take a
+    file name (safetensors' `save_file`); `atomic_write` for those that write to an open file."""
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
+        save(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # a full disk, a quota or Ctrl-C mid-write: no cut temporary file stays behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, write: Callable[[IO], object], binary: bool = False) -> None:
+    """Call `write(file)` on a file written whole or not at all (`atomic_save`)."""
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+
+    atomic_save(path, save)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -14,7 +14,6 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -26,19 +25,27 @@ from qthink.signals import sigterm_as_interrupt
 Job = tuple[str, Callable[..., Any], tuple]  # (name, module-level function, its arguments)
 
 
-def quiet_worker() -> None:
-    """One torch thread and no library chatter in a worker process."""
-    import torch
-
-    torch.set_num_threads(1)
+def quiet_libraries() -> None:
+    """Silence per-call progress bars and advisories from transformers/hub that bury qthink's own output
+    (the `qthink` command, and every worker through `quiet_worker`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric", "transformers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+def quiet_worker() -> None:
+    """One torch thread and no library chatter in a worker process: `quiet_libraries`, and Lightning's
+    messages and every warning too (a worker's output would interleave with its siblings')."""
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_libraries()
 
 
 def default_workers() -> int:
@@ -85,20 +92,16 @@ def _timed(fn: Callable[..., Any], args: tuple) -> tuple[Any, float]:
     return fn(*args), time.perf_counter() - began
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(fn: Callable[..., Any], kwargs: dict, world: int) -> list[Any]:
     """`fn(**kwargs)` on `world` spawned ranks (in this process when `world` is 1); every rank's result, in
     rank order."""
     if world <= 1:
         return [fn(**kwargs)]
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    port = find_free_network_port()
     procs = [ctx.Process(target=_rank_main, args=(rank, world, port, fn, kwargs, results)) for rank in range(world)]
     for p in procs:
         p.start()

@@ -29,6 +29,10 @@ from qthink.tables import records_table
 
 QWEN3_1P7B = config_file("qwen3-1.7b", "model.json")
 # Dense bf16 tensor-core peaks (no sparsity); more specific names first. Other cards: --peak-tflops.
+# Not Lightning's `get_available_flops` (which the fit's ThroughputMonitor uses): in Lightning 2.6 it finds
+# no entry for a plain "NVIDIA H200" (None, so no MFU on the machine this bench is run on), and its H200
+# and H100 NVL entries are the sparse peaks (2x dense). `train_flops` stays analytic for the same reason
+# MFU is defined on model FLOPs: `FlopCounterMode` counts what runs (full-square SDPA, LoRA, recomputation).
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 SMALL = {"batch_size": 2, "prompt_tokens": 32, "answer_tokens": 8, "latent_steps": SEED.latent_steps, "lora_r": 4, "steps": 1,
          "infer_batch": 4, "infer_prompt_tokens": 16, "infer_new_tokens": 8}

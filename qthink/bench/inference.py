@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qthink.arguments import parse_decode_modes
+from qthink.arguments import comma_ints, parse_decode_modes
 from qthink.bench.seed_recipe import seed_generate
 from qthink.core.device import parse_dtype
 from qthink.core.latent import ProjectionHead, decode, model_parts, think
 from qthink.core.model import HEAD_PT, HEAD_ST, QThink, init_checkpoint
 from qthink.core.sequences import encode_prompts, left_pad
-from qthink.errors import UserError, require
+from qthink.errors import require
 from qthink.measure import sync, timed, write_json
 from qthink.recipe import SEED
 from qthink.tables import records_table
@@ -293,10 +293,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise UserError(f"{flag} takes comma-separated integers (got {text!r})") from e
+    values = comma_ints(text, flag)
     require(values and all(v > 0 for v in values), f"{flag} needs positive integers (got {text!r})")
     return values
 

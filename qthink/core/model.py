@@ -24,7 +24,7 @@ from qthink.core.latent import DECODE_MODES, HaltingHead, ProjectionHead, genera
 from qthink.core.sampling import Sampler, row_seed
 from qthink.core.sequences import encode_prompts, left_pad, length_batches, output_text, stop_ids
 from qthink.errors import UserError, require
-from qthink.files import temp_dir_beside, writable_dir
+from qthink.files import read_json, temp_dir_beside, writable_dir
 from qthink.identity import fingerprint, verify_checksums, write_checksums
 from qthink.ownership import lock_beside, write_marker
 from qthink.recipe import SEED
@@ -76,17 +76,26 @@ def load_base(path_or_repo: str, dtype: torch.dtype | None = None, trust_remote_
         model = AutoModelForCausalLM.from_pretrained(
             str(path_or_repo), dtype=dtype or "auto", trust_remote_code=trust_remote_code
         )
-        tokenizer = AutoTokenizer.from_pretrained(str(path_or_repo), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as e:  # missing, unreachable, or a cut/damaged weights file
         where = "local directory" if local.exists() else "local directory or reachable Hugging Face repo"
         raise UserError(f"cannot load model {path_or_repo!r} ({where}): {str(e).splitlines()[0]}") from e
     if dtype is None and model.dtype == torch.float16 and not torch.cuda.is_available():
         model = model.float()  # fp16 matmuls are slow or missing on CPU
+    tokenizer = load_tokenizer(path_or_repo, trust_remote_code)
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
+
+
+def load_tokenizer(path_or_repo: str | Path, trust_remote_code: bool = False):
+    """A model's tokenizer, with a one-line error; pad falls back to EOS (Qwen3 has both)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path_or_repo), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer of {str(path_or_repo)!r}: {str(e).splitlines()[0]}") from e
     require(tokenizer.eos_token_id is not None, f"tokenizer of {path_or_repo} has no EOS token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model.eval(), tokenizer
+    return tokenizer
 
 
 def looks_local(path_or_repo: str) -> bool:
@@ -207,12 +216,7 @@ class QThink(nn.Module):
         require(head_file is not None, f"{path_or_repo} has no {HEAD_ST} or {HEAD_PT}: it is a base model, not a "
                 "qthink checkpoint; wrap it with `qthink init BASE OUT`")
         meta_file = _fetch(path_or_repo, META)
-        info = {}
-        if meta_file is not None:
-            try:
-                info = json.loads(meta_file.read_text())
-            except json.JSONDecodeError as e:
-                raise UserError(f"{meta_file} is not valid JSON (line {e.lineno}); re-export the checkpoint") from e
+        info = read_json(meta_file, "re-export the checkpoint") if meta_file is not None else {}
         model, tokenizer = load_base(path_or_repo, dtype, trust_remote_code)
         head = build_head(load_head_state(head_file), model.config.hidden_size, head_file)
         require_finite(model, path_or_repo)

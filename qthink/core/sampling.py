@@ -1,5 +1,11 @@
 """Sampling for the latent loop: temperature / top-k / top-p by the Gumbel-max trick on counter-based noise.
 
+Temperature and top-k are transformers' logits warpers. Top-p is written here: `TopPLogitsWarper` sorts
+ascending and drops a token when the mass at or below it is <= 1 - top_p, which keeps a different set where
+the boundary falls on tied logits (common in bf16: the two sorts order ties differently) or on rounding of
+the two cumulative sums; measured on random bf16 logits at 0.6/0.95/20, 7% of rows kept another set, so
+sampled rollouts would change.
+
 A row's noise is a splitmix64 hash of (its seed, the step, the vocabulary column), so a row's sample depends
 on its seed and step only, not on its batch, its rank or how many rows came before it.
 """
@@ -8,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
 
 from qthink.errors import require
 from qthink.recipe import SEED
@@ -73,11 +80,10 @@ class Sampler:
         return counter_uniform(self.seeds, HALT_STREAM + step, 1)[:, 0] < prob.double()
 
     def __call__(self, logits: Tensor, step: int) -> Tensor:
-        logits = logits.float() / max(self.temperature, 1e-6)
-        if 0 < self.top_k < logits.shape[-1]:
-            kth = logits.topk(self.top_k, -1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1.0:
+        logits = TemperatureLogitsWarper(max(float(self.temperature), 1e-6))(None, logits.float())
+        if self.top_k > 0:  # the warper keeps every token when top_k >= the vocabulary
+            logits = TopKLogitsWarper(self.top_k)(None, logits)
+        if self.top_p < 1.0:  # not TopPLogitsWarper: it keeps another set on ties (module docstring)
             sorted_logits, order = logits.sort(-1, descending=True)
             cumulative = sorted_logits.softmax(-1).cumsum(-1)
             drop_sorted = cumulative - sorted_logits.softmax(-1) > self.top_p  # keeps at least the top token

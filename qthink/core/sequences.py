@@ -5,6 +5,7 @@ answer, and the one decoding of generated ids into text."""
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 
@@ -25,25 +26,20 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, questions: list[str], ena
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids [B, T] padded on `side` with `pad_id`, and their mask."""
+    ids = [torch.tensor(r, dtype=torch.long) for r in rows]
+    return (pad_sequence(ids, batch_first=True, padding_value=pad_id, padding_side=side),
+            pad_sequence([torch.ones_like(r) for r in ids], batch_first=True, padding_side=side))
+
+
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [B, T] and their mask (training answers, teacher extraction, the base's pre-training)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
+    return _pad(rows, pad_id, "right")
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
+    ids, mask = _pad(rows, pad_id, "left")
     return Batch(ids.to(device), mask.to(device))
 
 

@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from qthink.arguments import comma_ints, comma_list
 from qthink.demo.stages import (
     QUICK,
     SYSTEMS,
@@ -137,15 +138,6 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
                    "budget)")
 
 
-def parse_seeds(text: str | None, flag: str) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise UserError(f"{flag} must be comma-separated integers (got {text!r})") from e
-
-
 def demo_settings(quick: bool, chain_steps: str | None) -> DemoSettings:
     """The default or `--quick` sizes; `--chain-steps N` or `LOW-HIGH` sets the chains' lengths and a budget
     of 10 tokens per step of the longest plus room for the answer."""
@@ -161,7 +153,7 @@ def demo_settings(quick: bool, chain_steps: str | None) -> DemoSettings:
 
 
 def cli_main(args) -> None:
-    seeds = parse_seeds(args.ablation_seeds, "--ablation-seeds")
+    seeds = comma_ints(args.ablation_seeds, "--ablation-seeds") if args.ablation_seeds else None
     require(args.workers is None or args.workers >= 1, f"--workers must be >= 1 (got {args.workers})")
     require(not (args.study and args.quick), "--study runs at the demo's default sizes; drop --quick")
     settings = demo_settings(args.quick, args.chain_steps)
@@ -171,7 +163,7 @@ def cli_main(args) -> None:
     if args.patience is not None:
         require(args.patience >= 0, f"--patience must be >= 0 (got {args.patience})")
         settings = replace(settings, patience=args.patience)
-    systems = [x.strip() for x in args.systems.split(",") if x.strip()] if args.systems else None
+    systems = comma_list(args.systems) if args.systems else None
     select_systems(systems)  # an unknown name is one line before anything runs
     run_demo(args.workdir, args.quick, args.seed, args.force, seeds, args.workers, settings, systems)
     if args.study:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from qthink.arguments import PositiveFinite, Seed, SignatureCommand
 from qthink.core.device import parse_dtype
 from qthink.core.latent import generate
-from qthink.core.model import check_decode_mode, check_model_ref, context_length_of, load_base
+from qthink.core.model import check_decode_mode, check_model_ref, context_length_of, load_base, load_tokenizer
 from qthink.core.sampling import Sampler, row_seed
 from qthink.core.sequences import encode_prompts, left_pad, output_text, stop_ids
 from qthink.errors import UserError, require
@@ -216,13 +216,11 @@ def write_reference_rollouts(base: str, out: str | Path, task_name: str = "synth
     """A rollouts directory whose G rollouts per problem are the task's reference chain of thought
     (tasks with `think_text`, e.g. synthetic), graded: input for `qthink teachers` with a model too
     small to close its own think blocks (tests, demo)."""
-    from transformers import AutoTokenizer
-
     from qthink.tasks import get_task
 
     out, task = Path(out), get_task(task_name)
     require(hasattr(task, "think_text"), f"task {task_name} has no reference chain of thought (think_text)")
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = load_tokenizer(base)
     records = task.load(split, data_path)[:n]
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "source": "reference", "base_model": project_ref(base, out),

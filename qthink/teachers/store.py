@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qthink.errors import UserError, require
-from qthink.files import atomic_write_text, require_finished, sha256_file, temp_path
+from qthink.files import atomic_save, atomic_write_text, read_json, require_finished, sha256_file
 
 FORMAT_VERSION = 2  # 2: `num_steps` per row and `adaptive` in the manifest
 MANIFEST = "manifest.json"
@@ -39,11 +39,7 @@ def write_shard(directory: Path, index: int, tensors: dict[str, torch.Tensor]) -
     missing = [f for f in FIELDS if f not in tensors]
     assert not missing, f"shard tensors lack {missing}"
     path = directory / shard_name(index)
-    tmp = temp_path(path)  # carries its owner: cleanup never takes another run's
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp)))
     return {"file": path.name, "rows": int(tensors["problem_index"].numel()), "sha256": sha256_file(path)}
 
 
@@ -66,10 +62,7 @@ class TeacherStore:
         require(self.path.is_dir(), f"teacher store {self.path} does not exist; build it with `qthink teachers`")
         require(manifest_path.is_file(), f"{self.path} has no {MANIFEST}: not a finished teacher store "
                 "(rerun `qthink teachers` to complete it)")
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{manifest_path} is not valid JSON (line {e.lineno}); rebuild the store") from e
+        self.manifest = read_json(manifest_path, "rebuild the store")
         require_finished(self.manifest, f"teacher store {self.path}", lambda: f"{len(list(self.path.glob('shard-*.safetensors')))} "
                          f"of {self.manifest.get('shards_total')} shards", "rerun `qthink teachers` with the same settings")
         version = self.manifest.get("format_version")

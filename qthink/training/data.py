@@ -13,7 +13,6 @@ run with `use_distributed_sampler: false` (`qthink fit`'s default, not a config 
 last` then continues at the exact sample.
 """
 
-import json
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
@@ -27,32 +26,19 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from qthink.arguments import Count, PositiveCount, Seed
-from qthink.core.model import generation_config, hidden_size_of
+from qthink.core.model import generation_config, hidden_size_of, load_tokenizer
 from qthink.core.sequences import encode_prompts, left_pad, right_pad, stop_ids
-from qthink.errors import UserError, require
+from qthink.errors import require
+from qthink.files import read_json
 from qthink.identity import require_same_base, resolve_ref
 from qthink.recipe import SEED
 from qthink.tasks import load_problems
 from qthink.tasks.base import THINK_CLOSE
-from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
+from qthink.teachers.rollouts import MANIFEST, ROLLOUTS, parse_line, read_line, read_rollouts
 from qthink.teachers.store import TeacherStore
 from qthink.training.lightning_private import uses_distributed_sampler
 
 # ---- reading the pipeline's outputs ----
-
-
-def load_tokenizer(base_model: str, trust_remote_code: bool = False):
-    """The base model's tokenizer (pad falls back to EOS, as in `qthink.core.model.load_base`)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer of {base_model!r}: {str(e).splitlines()[0]}") from e
-    require(tok.eos_token_id is not None, f"tokenizer of {base_model} has no EOS token")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def same_model(a: str, b: str) -> bool:
@@ -317,8 +303,8 @@ class TeacherDataModule(L.LightningDataModule):
 
             named = self.rollouts_dir or store.manifest.get("rollouts")
             self.rollouts_path = Path(named) if self.rollouts_dir else Path(resolve_ref(named, store.path)) if named else None
-            found = self.rollouts_path / "manifest.json" if self.rollouts_path else None
-            rollouts_manifest = json.loads(found.read_text()) if found and found.is_file() else {}
+            found = self.rollouts_path / MANIFEST if self.rollouts_path else None
+            rollouts_manifest = read_json(found, "rerun `qthink rollouts`") if found and found.is_file() else {}
             task = self.task_name or store.manifest.get("task") or rollouts_manifest.get("task")
             require(task is not None, f"{store.path}/manifest.json names no task; set data.task")
             # the rollouts' own task options (e.g. synthetic steps) unless the config names others
