@@ -49,9 +49,10 @@ def test_bench_inference_rows(tmp_path, capsys):
 
 def test_pass_times_runs_the_passes_it_divides_by(qt):
     """Three runs per round (prefill; + 3 latent passes; + 3 decoding passes), one warm-up round and one timed:
-    the decoder sees 2 x (1 + 4 + 4) calls and the head 2 x 3."""
+    the decoder sees 2 x (1 + 4 + 4) calls and the head 2 x 3. Counted on the decoder's final norm, which the
+    prefill's forward and each step (`LayerStep` calls the layers directly) run once."""
     calls = {"decoder": 0, "head": 0}
-    hooks = [qt.model.get_decoder().register_forward_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1)),
+    hooks = [qt.model.get_decoder().norm.register_forward_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1)),
              qt.head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))]
     try:
         latent_ms, decode_ms = pass_times(qt, ["a=1 b=a+2 b?", "what is the total left?"], passes=3, repeats=1)

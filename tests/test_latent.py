@@ -19,6 +19,7 @@ from transformers.cache_utils import DynamicLayer
 from qthink.bench.inference import spread_weights
 from qthink.bench.seed_recipe import seed_generate
 from qthink.cli import main
+from qthink.core.decoder_step import LayerStep
 from qthink.core.kv_cache import ReservedLayer, static_capacity
 from qthink.core.latent import decode, generate, think
 from qthink.core.model import HEAD_PT, HEAD_ST, QThink, init_checkpoint
@@ -121,6 +122,33 @@ def test_preallocated_cache_equals_dynamic_cache(qt):
     repeated = generate(qt.model, qt.head, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), 6, MAX_NEW,
                         eos, pad, Sampler(seeds))
     assert torch.equal(shared.tokens, repeated.tokens)
+
+
+def test_layer_step_equals_the_decoders_forward(qt, monkeypatch):
+    """`dynamic` inference steps call the layers directly (`LayerStep`: the mask and RoPE set up once per
+    `think`); they give bit-identical states to `decoder.forward`: with and without padding (the forward then
+    passes no mask), when rows stop thinking early (a latent column turns 0), and when the mask outgrows its
+    reserve (the RoPE table grows)."""
+    spread(qt, 8)
+    tok = qt.tokenizer
+    padded = left_pad(encode_prompts(tok, random_questions(8, 5)), tok.pad_token_id)
+    alike = left_pad(encode_prompts(tok, random_questions(9, 1) * 4), tok.pad_token_id)
+    assert bool(alike.attention_mask.all()) and not bool(padded.attention_mask.all())
+    cases = [(padded, None, MAX_NEW), (alike, None, MAX_NEW), (alike, torch.tensor([6, 2, 0, 4]), MAX_NEW),
+             (padded, None, 0)]
+
+    def run(batch, row_steps, reserve):
+        with torch.inference_mode():
+            state = think(qt.model, qt.head, batch.input_ids, batch.attention_mask, 6, reserve, row_steps=row_steps)
+            used = state.layer_step is not None
+            return used, state.latents.clone(), decode(qt.model, state, MAX_NEW, -1, tok.pad_token_id).tokens
+
+    fast = [run(*case) for case in cases]
+    monkeypatch.setattr(LayerStep, "for_state", classmethod(lambda cls, *args: None))
+    for (used, latents, tokens), (plain_used, plain_latents, plain_tokens) in zip(fast, [run(*c) for c in cases],
+                                                                                   strict=True):
+        assert used and not plain_used
+        assert torch.equal(latents, plain_latents) and torch.equal(tokens, plain_tokens)
 
 
 @pytest.mark.parametrize("mode", ["static", "compiled"])

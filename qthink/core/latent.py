@@ -8,7 +8,8 @@ answer. Every decoder call gets the running attention mask and explicit `positio
 a row's result does not depend on the padding its batch needs (CODI attends to left padding; Coconut has
 no cache). The hidden state everywhere is the post-final-norm last-layer state (`last_hidden_state`).
 The decoder is called without its LM head: vocabulary logits are built only where a token is predicted.
-Without grad, the KV cache is preallocated (`kv_cache.ReservedLayer`) instead of regrown by `torch.cat` per token.
+Without grad, the KV cache is preallocated (`kv_cache.ReservedLayer`) instead of regrown by `torch.cat` per token,
+and `dynamic` steps run the decoder's layers directly, its mask and RoPE set up once (`decoder_step.LayerStep`).
 HF gradient checkpointing must stay off on this path: it silently drops the KV cache in training mode.
 
 Decode modes (inference only): `dynamic` (the default) grows the attended width by one column per step;
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from qthink.core.compat import cache_kwargs, new_cache
+from qthink.core.decoder_step import LayerStep
 from qthink.core.kv_cache import reserve_cache, static_cache, static_capacity
 from qthink.core.sampling import Sampler
 
@@ -98,6 +100,7 @@ class LatentState:
     latents: Tensor  # [B, K, H] hidden state of each latent step (what the per-step L1 is taken on)
     decode_mode: str = "dynamic"  # one of DECODE_MODES
     steps: Tensor | None = None  # [B] latent steps each row took (rows stop one by one when adaptive)
+    layer_step: LayerStep | None = None  # `dynamic` steps without grad: the decoder's per-call set-up done once
 
     @property
     def attention_mask(self) -> Tensor:
@@ -119,6 +122,7 @@ class LatentState:
             self.latents.repeat_interleave(n, 0),
             self.decode_mode,
             None if self.steps is None else self.steps.repeat_interleave(n, 0),
+            self.layer_step,
         )
 
 
@@ -158,7 +162,10 @@ def _decode_step(decoder: nn.Module, state: LatentState, embeds: Tensor, live: T
     # static modes pass the whole mask (fixed shape): causal masking hides the columns not yet written
     mask = state.attention_mask if state.decode_mode == "dynamic" else state.mask
     args = (decoder, embeds.unsqueeze(1), mask, state.next_position.unsqueeze(1), cache_kwargs(decoder, state.cache))
-    if state.decode_mode == "compiled":
+    if state.layer_step is not None:
+        state.layer_step.note_live(live)
+        hidden = state.layer_step(*args[1:4], state.cache, state.mask.shape[1])
+    elif state.decode_mode == "compiled":
         torch.compiler.cudagraph_mark_step_begin()
         # clone: a CUDA graph's output buffer is overwritten by its next replay, and latents are kept
         hidden = compiled_last_hidden(embeds.device.type)(*args).clone()
@@ -219,6 +226,8 @@ def think(
     no_latents = hidden.new_zeros(batch, 0, hidden.shape[-1])  # [B, K=0, H] until latent steps are taken
     state = LatentState(kv_cache, mask, prompt_len, attention_mask.long().sum(-1), hidden, no_latents,
                         decode_mode)
+    if decode_mode == "dynamic":
+        state.layer_step = LayerStep.for_state(decoder, attention_mask, capacity, hidden)
     latents = []
     adaptive = row_steps is not None or halting is not None
     live = torch.ones(batch, dtype=torch.bool, device=hidden.device)
