@@ -10,7 +10,8 @@ Give the mode as `TARGET:MODE` or with `--mode` (once for all targets or once pe
 directory with a projection head is `qthink` and anything else `think`. Every batch is
 `qthink.scoring.score_batch`, the step validation runs too (greedy, so a rerun writes the same predictions). Each run writes
 `OUT/<name>/predictions.jsonl` and `OUT/<name>/summary.json`; several targets also print (and write to
-`OUT/comparison.md`) one table in the seed model card's layout.
+`OUT/comparison.md`) one table in the seed model card's layout. `--devices N` scores the problems on N processes
+(GPUs, or CPU processes) under Lightning DDP (`qthink.training.ddp_eval`); the files are the same, rank 0 writes them.
 """
 
 import argparse
