@@ -266,9 +266,10 @@ def cli_main(args) -> None:
                       "--devices": args.devices})
     if args.devices > 1:
         from qthink.core.device import pick_device
-        from qthink.training.ddp_eval import check_devices, launched_rank
+        from qthink.training.ddp_eval import check_command_line, check_devices, launched_rank
 
         check_devices(args.devices, pick_device(args.device))
+        check_command_line("eval")
         if launched_rank() != 0:  # a rank Lightning's launcher started by re-running this command: rank 0 writes
             run_targets(args, targets, None)
             return

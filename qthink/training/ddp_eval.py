@@ -10,6 +10,7 @@ which process it is before any Trainer exists, so that only rank 0 claims and wr
 """
 
 import os
+import sys
 import time
 
 import lightning as L
@@ -28,6 +29,14 @@ def launched_rank() -> int:
     """This process's global rank as its launcher set it: Lightning's ddp launcher gives the processes it starts
     `LOCAL_RANK` 1..N-1 (the command's own process has none until its first Trainer runs), torchrun sets `RANK`."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def check_command_line(command: str) -> None:
+    """Lightning starts the other ranks by re-running `sys.argv`, so the process that launches them must be the
+    `qthink COMMAND` command itself (not a program calling `qthink.cli.main` with other arguments)."""
+    launcher = "RANK" not in os.environ and "LOCAL_RANK" not in os.environ
+    require(not launcher or sys.argv[1:2] == [command], f"--devices N runs as the command `qthink {command} ...` "
+            f"(Lightning re-runs the command line on the other ranks), not from within {sys.argv[0]}")
 
 
 def check_devices(devices: int, device: torch.device) -> str:
