@@ -10,7 +10,8 @@ Give the mode as `TARGET:MODE` or with `--mode` (once for all targets or once pe
 directory with a projection head is `qthink` and anything else `think`. Every batch is
 `qthink.scoring.score_batch`, the step validation runs too (greedy, so a rerun writes the same predictions). Each run writes
 `OUT/<name>/predictions.jsonl` and `OUT/<name>/summary.json`; several targets also print (and write to
-`OUT/comparison.md`) one table in the seed model card's layout.
+`OUT/comparison.md`) one table in the seed model card's layout. `--devices N` scores the problems on N processes
+(GPUs, or CPU processes) under Lightning DDP (`qthink.training.ddp_eval`); the files are the same, rank 0 writes them.
 """
 
 import argparse
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qthink.arguments import add_decode_mode_argument, require_positive
-from qthink.core.device import parse_dtype
+from qthink.core.device import parse_dtype, pick_device
 from qthink.core.model import HEAD_PT, HEAD_ST, QThink
 from qthink.errors import require
 from qthink.files import atomic_write_text
@@ -145,10 +146,13 @@ def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test",
              max_new_tokens: int = SEED.max_answer_tokens, batch_size: int = 16, limit: int | None = None,
              out: str | Path | None = None, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
              records: list[dict] | None = None, progress: bool = True, trust_remote_code: bool = False,
-             model: QThink | None = None, decode_mode: str = "dynamic", grade_unclosed: bool = False) -> dict:
+             model: QThink | None = None, decode_mode: str = "dynamic", grade_unclosed: bool = False,
+             devices: int = 1) -> dict:
     """Evaluate one target and return its summary; with `out`, write `out/<name>/predictions.jsonl` and
     `summary.json`. An output whose think block never closed scores 0 unless `grade_unclosed`. `target` is a path (loaded here, or given already loaded as `model`) or, in process, a
-    `QThink` (mode default: `qthink` if it has a head)."""
+    `QThink` (mode default: `qthink` if it has a head). `devices` > 1: DDP processes of `device`'s type
+    (`qthink.training.ddp_eval`; run as a command, which Lightning re-runs on the other ranks), the same
+    records; only rank 0 writes `out`."""
     task = get_task(task) if isinstance(task, str) else task
     records = load_problems(task, split, data_path, limit, print_note) if records is None else records
     if isinstance(target, QThink):
@@ -158,18 +162,30 @@ def evaluate(target: str | Path | QThink, task: str | Task, split: str = "test",
         path = str(target)
         mode = mode or default_mode(path)
     spec = resolve_targets([f"{path}:{mode}"], names=[name] if name else ())[0]
-    qt = model or load_target(path, mode, dtype, device, trust_remote_code)
+    require(devices > 0, f"--devices must be > 0 (got {devices})")
+    accelerator, writer = None, True
+    if devices > 1:  # Lightning is imported only here: `qthink eval` on one device does without it
+        from qthink.training.ddp_eval import check_devices, launched_rank, score_on_devices
+
+        accelerator, writer = check_devices(devices, pick_device(device and str(device))), launched_rank() == 0
+    # on N devices each rank loads on the CPU and Lightning moves the model to the rank's own device
+    qt = model or load_target(path, mode, dtype, "cpu" if accelerator else device, trust_remote_code)
     k = (qt.latent_steps if latent_steps is None else latent_steps) if mode == "qthink" else 0
     decoding = Decoding(latent_steps if mode == "qthink" else 0, max_new_tokens, decode_mode, grade_unclosed)
-    bar = tqdm(total=len(records), unit="problem", desc=spec.name, disable=not progress, dynamic_ncols=True)
-    began = time.perf_counter()
-    with bar:  # latent_steps None: the checkpoint's K, or each problem's own where the model chooses (adaptive)
-        preds = score_all(qt, task, records, decoding, batch_size, mode == "think", bar.update)
-    wall = time.perf_counter() - began
+    # latent_steps None: the checkpoint's K, or each problem's own where the model chooses (adaptive)
+    if accelerator:
+        preds, wall, where = score_on_devices(qt, task, records, decoding, batch_size, mode == "think", devices,
+                                              accelerator, progress)
+    else:
+        bar = tqdm(total=len(records), unit="problem", desc=spec.name, disable=not progress, dynamic_ncols=True)
+        began = time.perf_counter()
+        with bar:
+            preds = score_all(qt, task, records, decoding, batch_size, mode == "think", bar.update)
+        wall, where = time.perf_counter() - began, str(qt.device)
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": str(qt.model.dtype),
-                "device": str(qt.device), "decode_mode": decode_mode, "grade_unclosed": grade_unclosed}
+                "device": where, "decode_mode": decode_mode, "grade_unclosed": grade_unclosed}
     summary = summarize(preds, task, split, spec, k, wall, settings)
-    if out is not None:
+    if out is not None and writer:  # the other ranks leave --out to rank 0
         with claim(out, "eval", "--out") as owned:  # already held by `qthink eval` for its whole run
             write_run(owned.take(spec.name, what="--name")[0], preds, summary)
     return summary
@@ -236,6 +252,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/eval", help="output directory; each run writes OUT/<name>/")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--devices", type=int, default=1, help="processes, one per device (GPU or, on cpu, core), under "
+                   "Lightning DDP; each scores a share of the problems, the first writes --out (default: 1, in process)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for a small model on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
@@ -244,7 +262,17 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 def cli_main(args) -> None:
 
     targets = resolve_targets(args.targets, args.mode, args.name)
-    require_positive({"--batch-size": args.batch_size, "--max-new-tokens": args.max_new_tokens, "--threads": args.threads})
+    require_positive({"--batch-size": args.batch_size, "--max-new-tokens": args.max_new_tokens, "--threads": args.threads,
+                      "--devices": args.devices})
+    if args.devices > 1:
+        from qthink.core.device import pick_device
+        from qthink.training.ddp_eval import check_command_line, check_devices, launched_rank
+
+        check_devices(args.devices, pick_device(args.device))
+        check_command_line("eval")
+        if launched_rank() != 0:  # a rank Lightning's launcher started by re-running this command: rank 0 writes
+            run_targets(args, targets, None)
+            return
     with claim(args.out, "eval", "--out") as owned:  # before any generation: a bad --out must not throw a run away
         owned.take(*[t.name for t in targets], what="--name")
         if len(targets) > 1:
@@ -252,24 +280,30 @@ def cli_main(args) -> None:
         run_targets(args, targets, owned)
 
 
-def run_targets(args, targets: list[Target], owned: Output) -> None:
+def run_targets(args, targets: list[Target], owned: Output | None) -> None:
+    """Evaluate each target; `owned` None: one of the other ranks of `--devices N`, which writes and prints nothing."""
     from qthink.core.device import pick_device
 
     task = make_task(args.task, parse_task_options(args.task_option))
-    records = load_problems(task, args.split, args.data_path, args.limit, print_note)  # bad data fails before any model loads
+    note = print_note if owned is not None else lambda *_: None  # said once, by rank 0
+    records = load_problems(task, args.split, args.data_path, args.limit, note)  # bad data fails before any model loads
     device = pick_device(args.device)
     dtype = parse_dtype(args.dtype)
     summaries = []
-    for t in targets:
-        qt = load_target(t.path, t.mode, dtype, device, args.trust_remote_code)
+    for t in targets:  # on N devices each rank loads on the CPU and Lightning moves the model to its device
+        qt = load_target(t.path, t.mode, dtype, device if args.devices == 1 else "cpu", args.trust_remote_code)
         choose_threads(qt, args.threads)
         summary = evaluate(t.path, task, args.split, mode=t.mode, name=t.name, latent_steps=args.latent_steps,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=args.out,
-                           records=records, progress=not args.no_progress, model=qt, decode_mode=args.decode_mode,
-                           grade_unclosed=args.grade_unclosed)
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           out=args.out if owned is not None else None, device=device, records=records,
+                           progress=not args.no_progress and owned is not None, model=qt, decode_mode=args.decode_mode,
+                           grade_unclosed=args.grade_unclosed, devices=args.devices)
         summaries.append(summary)
-        print(f"{t.name}: wrote {Path(args.out) / t.name} ({summary['problems_per_s']:.2f} problems/s, "
-              f"{summary['unclosed_think']} unclosed think)", flush=True)
+        if owned is not None:
+            print(f"{t.name}: wrote {Path(args.out) / t.name} ({summary['problems_per_s']:.2f} problems/s, "
+                  f"{summary['unclosed_think']} unclosed think)", flush=True)
+    if owned is None:
+        return
     table = format_table(summaries)
     print(table)
     if len(summaries) > 1:

@@ -155,6 +155,11 @@ CASES = [
     (TEACHERS + "--out {W}/t --position-scheme foo", "--position-scheme 'foo': use one of linspace"),
     ("eval {CKPT} --task synthetic --limit -3", "--limit must be a positive integer (got -3)"),
     ("eval {CKPT} --task synthetic --limit 2 --batch-size 0 --out {W}/e", "--batch-size must be > 0 (got 0)"),
+    ("eval {CKPT} --task synthetic --limit 2 --devices 0 --out {W}/e", "--devices must be > 0 (got 0)"),
+    ("eval {CKPT} --task synthetic --limit 2 --device cpu --devices 100000 --out {W}/e",
+     "--devices 100000: this machine has"),
+    ("eval {CKPT} --task synthetic --limit 2 --device cpu --devices 2 --out {W}/e",  # in process: not the command line
+     "--devices N runs as the command `qthink eval ...`"),
     ("eval {CKPT} --limit 2", "the following arguments are required: --task"),
     ("init {W}/missing-base {W}/out", "{W}/missing-base: no such directory"),
     (ROLLOUTS.replace("{CKPT}", "{W}/missing-base") + "--out {W}/r", "{W}/missing-base: no such directory"),

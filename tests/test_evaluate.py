@@ -2,6 +2,10 @@
 determinism, unclosed think blocks, and one-line errors for bad input."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,6 +76,39 @@ def test_evaluate_in_process_is_deterministic_and_batch_independent(spread_qt, t
     assert preds[0] == preds[1] == preds[2]
     assert runs[0]["metrics"] == runs[2]["metrics"] and runs[0]["mean_tokens"] == runs[2]["mean_tokens"]
     assert len({p["output"] for p in preds[0]}) > 3, "outputs do not depend on the problem"
+
+
+TIMING = {"seconds", "wall_seconds", "seconds_per_problem", "problems_per_s", "markdown_row"}
+
+
+def untimed(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMING}
+
+
+def test_eval_on_two_ddp_processes_writes_what_one_process_writes(ckpt, tiny_base, tmp_path, capsys):
+    """`--devices 2` (Lightning DDP, 2 CPU processes over gloo; the launcher re-runs the command for rank 1):
+    5 problems in batches of 2 give one rank a padding copy, which must not be counted twice. Two targets, so
+    the second Trainer runs in the processes the first started. Rank 1 neither claims, writes nor prints."""
+    argv = ["eval", str(ckpt), f"{tiny_base}:nothink", "--task", "synthetic", "--limit", "5", "--max-new-tokens", "6",
+            "--batch-size", "2", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    qthink = Path(sys.executable).parent / "qthink"
+    done = subprocess.run([sys.executable, str(qthink), *argv, "--devices", "2", "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr  # two processes really ran
+    for name in ("ckpt", f"{tiny_base.name}-nothink"):
+        one, two = (tmp_path / "one" / name, tmp_path / "two" / name)
+        preds = [[untimed(p) for p in read_jsonl(run / "predictions.jsonl")] for run in (one, two)]
+        assert preds[0] == preds[1] and len(preds[0]) == 5
+        assert len({p["output"] for p in preds[0]}) > 3, "outputs do not depend on the problem"
+        summaries = [untimed(json.loads((run / "summary.json").read_text())) for run in (one, two)]
+        assert summaries[0] == summaries[1]
+        assert done.stdout.count(f"{name}: wrote") == 1  # rank 0 only
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert (tmp_path / "two" / "comparison.md").read_text().count("\n") == (tmp_path / "one" / "comparison.md").read_text().count("\n")
 
 
 def test_think_and_nothink_modes_use_their_prompts(spread_qt, tmp_path):
