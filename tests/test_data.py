@@ -17,7 +17,7 @@ def datamodule(store, base, **kwargs) -> TeacherDataModule:
 
 
 def test_examples_follow_the_student_layout_and_pick_the_first_correct_rollout(teacher_store, tiny_base):
-    dm = datamodule(teacher_store, tiny_base, teacher_steps=6)
+    dm = datamodule(teacher_store, tiny_base, store_K=6)
     tok, task = dm.tokenizer, get_task("synthetic")
     records = task.load("train", n=8)
     examples = dm.datasets["train"].examples
@@ -106,11 +106,11 @@ def test_store_mismatches_are_one_line_errors(store_factory, tiny_base, tmp_path
         datamodule(tmp_path / "nowhere", tiny_base)
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match=r"K is 4 but the trainer expects 6") as e:
-        datamodule(store_factory(K=4), tiny_base, teacher_steps=6)
+        datamodule(store_factory(K=4), tiny_base, store_K=6)
     assert "\n" not in str(e.value)
-    datamodule(store_factory(K=4), tiny_base, teacher_steps=None)  # not distilling (SFT): K is not checked
+    datamodule(store_factory(K=4), tiny_base, store_K=None)  # not distilling (SFT): K is not checked
     with pytest.raises(UserError, match=r"hidden_size is 64 but the trainer expects 128"):
-        datamodule(store_factory(hidden=64), tiny_base, teacher_steps=6)
+        datamodule(store_factory(hidden=64), tiny_base, store_K=6)
     with pytest.raises(UserError, match=r"built from base model 'Qwen/Qwen3-1.7B' but the trainer uses") as e:
         datamodule(store_factory(base_name="Qwen/Qwen3-1.7B"), tiny_base)
     assert "\n" not in str(e.value)
@@ -121,8 +121,8 @@ def test_distilling_from_a_store_without_any_valid_teacher_is_refused(store_fact
 
     store = store_factory(no_valid=True)
     with pytest.raises(UserError, match="none of its 8 problems has a valid teacher"):
-        dm = TeacherDataModule(str(store), teacher_steps=6, answer_source="reference")
+        dm = TeacherDataModule(str(store), store_K=6, answer_source="reference")
         dm.setup("fit")
-    dm = TeacherDataModule(str(store), teacher_steps=None, answer_source="reference")  # SFT: no teachers needed
+    dm = TeacherDataModule(str(store), store_K=None, answer_source="reference")  # SFT: no teachers needed
     dm.setup("fit")
     assert dm.stats["no_uniform_teacher"] == 8

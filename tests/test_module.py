@@ -55,8 +55,8 @@ def fit(module, store, base, root, max_steps, batch_size=8, callbacks=(), ckpt_e
                         enable_checkpointing=bool(ckpt_every), enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
                         callbacks=callbacks, default_root_dir=root)
-    teacher_steps = None if module.distill == "none" else module.latent_steps
-    dm = TeacherDataModule(str(store), base_model=str(base), teacher_steps=teacher_steps, batch_size=batch_size, **data)
+    store_K = None if module.distill == "none" else module.latent_steps
+    dm = TeacherDataModule(str(store), base_model=str(base), store_K=store_K, batch_size=batch_size, **data)
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer
 

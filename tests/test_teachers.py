@@ -286,7 +286,7 @@ def test_manifests_record_project_paths_relative_so_a_store_works_from_any_folde
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    dm = TeacherDataModule(str(tmp_path / "teachers"), base_model=str(tmp_path / "base"), teacher_steps=2)
+    dm = TeacherDataModule(str(tmp_path / "teachers"), base_model=str(tmp_path / "base"), store_K=2)
     dm.setup("fit")
     assert dm.stats["from_rollout"] == 4
 

@@ -75,7 +75,7 @@ def bench_teachers(base_dir: str | Path, rollouts: str | Path | None = None, K: 
                 cut.append(ids[: max(pos) + 1])
                 positions.append(pos)
     require(len(full) > 0, f"{rollouts}: no rollout with a closed, non-empty think block to benchmark on")
-    decoder = model_parts(model)[0]
+    decoder = model_parts(model).decoder
     extract_states(decoder, cut[:batch_size], positions[:batch_size], tokenizer.pad_token_id, batch_size, dev)  # warm-up
     ours, ours_s, ours_mib = measure(lambda: extract_states(decoder, cut, positions, tokenizer.pad_token_id,
                                                             batch_size, dev), dev)

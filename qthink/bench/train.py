@@ -29,7 +29,7 @@ def bench_train(base_dir: str, store_dir: str, batch_size: int = 8, repeats: int
     """
     dev = pick_device(device)
     dm = TeacherDataModule(str(store_dir), base_model=str(base_dir), batch_size=batch_size, shuffle=False,
-                           teacher_steps=None if distill == "none" else latent_steps)
+                           store_K=None if distill == "none" else latent_steps)
     dm.setup("fit")
     module = QThinkModule(str(base_dir), latent_steps=latent_steps, distill=distill)
     module.configure_model()

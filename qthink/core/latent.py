@@ -22,6 +22,7 @@ attention then also reduces over masked columns.
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +79,17 @@ def halting_rule(halting_head: nn.Module, sampler: Sampler | None = None) -> "Ca
     return stop
 
 
-def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(decoder, lm_head, input embeddings) of a causal LM, PEFT-wrapped or not."""
-    return model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
+class ModelParts(NamedTuple):
+    """The pieces of a causal LM that the latent loop calls directly."""
+
+    decoder: nn.Module  # the transformer body: embeddings in, last hidden states out
+    lm_head: nn.Module  # hidden states -> vocabulary logits
+    embed: nn.Module  # token ids -> input embeddings
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """(decoder, lm_head, embed) of a causal LM, PEFT-wrapped or not."""
+    return ModelParts(model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings())
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:

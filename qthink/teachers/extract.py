@@ -358,7 +358,7 @@ def build_stores(base: str, rollouts: str | Path, specs: list[StoreSpec], dtype:
     with unfinished(marked, write_manifest):
         if mine:
             model, tokenizer = load_base(base, parse_dtype(model_dtype), trust_remote_code)
-            decoder = model_parts(model.to(dev))[0]
+            decoder = model_parts(model.to(dev)).decoder
             steps = any(spec.position_scheme == "steps" for spec in specs)
             offsets = task_step_offsets(rmanifest.get("task")) if steps else None
             path = rollouts / ROLLOUTS

@@ -206,7 +206,7 @@ class TeacherDataModule(L.LightningDataModule):
         data_path: The task's data file or folder (None: the task's default source).
         task_options: Task constructor options (e.g. {steps: 3} for synthetic); default: the rollouts' own.
         base_model: Base model whose tokenizer is used; must be the store's base model (linked to model.base_model).
-        teacher_steps: K the store must have (linked from model.latent_steps; None when not distilling).
+        store_K: K the store must have (linked from model.latent_steps; None when not distilling).
         adaptive: The store must teach each problem its own step count (`qthink teachers --adaptive`; linked
             from model.adaptive).
         batch_size: Problems per batch on each device.
@@ -233,7 +233,7 @@ class TeacherDataModule(L.LightningDataModule):
         data_path: str | None = None,
         task_options: dict[str, Any] | None = None,
         base_model: str | None = None,
-        teacher_steps: int | None = None,
+        store_K: int | None = None,
         adaptive: bool = False,
         batch_size: PositiveCount = SEED.batch_size,
         num_workers: Count = 0,
@@ -253,7 +253,7 @@ class TeacherDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.teachers, self.rollouts_dir, self.task_name, self.data_path = teachers, rollouts, task, data_path
-        self.task_options, self.base_model, self.teacher_steps = task_options or {}, base_model, teacher_steps
+        self.task_options, self.base_model, self.store_K = task_options or {}, base_model, store_K
         self.adaptive = adaptive
         self.batch_size, self.num_workers = batch_size, num_workers
         self.max_prompt_tokens, self.max_answer_tokens, self.answer_source = max_prompt_tokens, max_answer_tokens, answer_source
@@ -288,8 +288,8 @@ class TeacherDataModule(L.LightningDataModule):
                     f"but the trainer uses {base!r}; {fix}")
         self.base_model = base
         expect = {"hidden_size": hidden_size_of(base, self.trust_remote_code)}
-        if self.teacher_steps is not None:
-            expect["K"] = self.teacher_steps
+        if self.store_K is not None:
+            expect["K"] = self.store_K
         self.store = TeacherStore(path, expect=expect)
         require(self.store.adaptive or not self.adaptive, f"teacher store {path} teaches every problem K="
                 f"{self.store.K} steps, but model.adaptive needs each problem's own step count: build it with "
@@ -367,11 +367,11 @@ class TeacherDataModule(L.LightningDataModule):
         self.stats = stats
         # distilling (the store's K is checked) from a store where no problem has a valid teacher would
         # silently train on the answer CE alone
-        require(self.teacher_steps is None or stats["no_uniform_teacher"] < len(examples),
+        require(self.store_K is None or stats["no_uniform_teacher"] < len(examples),
                 f"teacher store {self.teachers}: none of its {len(examples)} problems has a valid teacher (every "
                 "rollout was unclosed or empty); resample the rollouts with a larger --max-new-tokens, or train "
                 "without distillation (model.distill: none)")
-        if self.teacher_steps is not None and stats["no_uniform_teacher"]:
+        if self.store_K is not None and stats["no_uniform_teacher"]:
             rank_zero_warn(f"{stats['no_uniform_teacher']} of {len(examples)} problems "
                            f"({stats['no_uniform_teacher'] / len(examples):.0%}) have no valid teacher: CE only for them")
         rank_zero_info(f"training data: {stats}")

@@ -12,7 +12,7 @@ then replace the parent's whole (a task file's `data: {task: ...}` would drop ev
 The parser runs in `omegaconf+` mode: `${...}` interpolations are resolved after every file and flag
 is merged, so the configs can write checkpoint and log folders as `${trainer.default_root_dir}/...` and
 one `--trainer.default_root_dir` moves them all. Links fill what the data must agree on with the model: `data.base_model` (tokenizer,
-store check) from `model.base_model`, `data.teacher_steps` (the store's K) from `model.latent_steps`
+store check) from `model.base_model`, `data.store_K` (the store's K) from `model.latent_steps`
 when distilling. The optimizer is the module's own (`auto_configure_optimizers=False`): the CLI's would
 hand AdamW every frozen base weight and step its scheduler per epoch.
 
@@ -62,7 +62,7 @@ TRAINER_RANGES = {
 }
 
 
-def teacher_steps(latent_steps: int, distill: str, adaptive: bool = False) -> int | None:
+def store_K_of(latent_steps: int, distill: str, adaptive: bool = False) -> int | None:
     """The K the teacher store must have: the model's when it distils or reads the store's step counts
     (adaptive), unchecked otherwise (SFT, K=0)."""
     return None if distill == "none" and not adaptive else latent_steps
@@ -80,8 +80,8 @@ class QThinkCLI(CLIHooks):
         # --print_config and the saved config.yaml (jsonargparse drops SUPPRESSed keys from dumps)
         parser.add_argument(f"--{EXTENDS}", type=str | None, default=None, help=argparse.SUPPRESS)
         parser.link_arguments("model.base_model", "data.base_model")
-        parser.link_arguments(("model.latent_steps", "model.distill", "model.adaptive"), "data.teacher_steps",
-                              compute_fn=teacher_steps)
+        parser.link_arguments(("model.latent_steps", "model.distill", "model.adaptive"), "data.store_K",
+                              compute_fn=store_K_of)
         parser.link_arguments("model.adaptive", "data.adaptive")
 
     def check_ckpt_path(self) -> None:

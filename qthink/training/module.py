@@ -256,7 +256,7 @@ class QThinkModule(L.LightningModule):
         row_steps = batch["num_steps"] if self.adaptive else None
         state = think(self.model, self.head, batch["prompt_ids"], batch["prompt_mask"], k, row_steps=row_steps)
         hidden = answer_hidden(self.model, state, batch["answer_ids"], batch["answer_mask"])
-        ce = mean_row_ce(hidden, model_parts(self.model)[1], batch["labels"])
+        ce = mean_row_ce(hidden, model_parts(self.model).lm_head, batch["labels"])
         out = {"ce": ce, "distill": ce.new_zeros(())}
         has_teacher = k > 0 and "teacher_uniform" in batch and batch["teacher_uniform"].shape[1] == k
         if self.distill != "none":
