@@ -20,7 +20,7 @@ from qthink.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigter
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "tiny-base": ("qthink.cli", "build the embedded tiny Qwen3 base model (no network)"),
+    "tiny-base": ("qthink.core.tiny", "build the embedded tiny Qwen3 base model (no network)"),
     "init": ("qthink.cli", "wrap a base model with a fresh projection head as a seed-format checkpoint"),
     "generate": ("qthink.cli", "answer questions with latent reasoning (JSON lines out)"),
     "rollouts": ("qthink.teachers.rollouts", "sample G chain-of-thought rollouts per problem"),
@@ -44,24 +44,6 @@ def quiet_libraries() -> None:
 
 
 # ---- the foundation's own subcommands ----
-
-def add_tiny_base_arguments(p: argparse.ArgumentParser) -> None:
-    from qthink.arguments import seed_arg
-
-    p.add_argument("out", help="output directory")
-    p.add_argument("--seed", type=seed_arg, default=0, help="seed for the weights and the tokenizer corpus")
-    p.add_argument("--hidden-size", type=int, default=128, help="hidden size (heads = hidden/32)")
-    p.add_argument("--layers", type=int, default=4, help="number of decoder layers")
-    p.add_argument("--force", action="store_true", help="replace a tiny base already in OUT (what was built on "
-                   "it then refuses the new one)")
-
-
-def tiny_base_main(args) -> None:
-    from qthink.core.tiny import build_tiny_base
-
-    out = build_tiny_base(args.out, args.seed, args.hidden_size, args.layers, args.force)
-    print(f"wrote tiny Qwen3 base to {out}")
-
 
 def add_init_arguments(p: argparse.ArgumentParser) -> None:
     from qthink.arguments import seed_arg
@@ -141,7 +123,6 @@ def generate_main(args) -> None:
 
 
 LOCAL = {
-    "tiny-base": (add_tiny_base_arguments, tiny_base_main),
     "init": (add_init_arguments, init_main),
     "generate": (add_generate_arguments, generate_main),
 }

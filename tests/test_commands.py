@@ -1,0 +1,44 @@
+"""Every signature command (`qthink.arguments.SignatureCommand`): `--print_config` prints its whole configuration,
+`-c FILE` sets a value, and the old dashed spellings are the same settings; parsing only (`qthink.cli.parse_command`),
+so nothing heavy runs."""
+
+import pytest
+import yaml
+
+from qthink.cli import main, parse_command
+
+# command words (with its required arguments), a few printed defaults, and one setting a YAML file changes
+CASES = {
+    "tiny-base": (["tiny-base", "OUT"], {"out": "OUT", "seed": 0, "hidden_size": 128, "layers": 4, "force": False},
+                  {"hidden_size": 64}),
+}
+
+
+def printed(argv: list[str], capsys) -> dict:
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, "--print_config"])
+    assert stopped.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_print_config_is_the_whole_configuration(name, tmp_path, capsys):
+    words, defaults, change = CASES[name]
+    config = printed(words, capsys)
+    assert {k: config[k] for k in defaults} == defaults
+    (tmp_path / "settings.yaml").write_text(yaml.safe_dump(config))
+    assert printed([*words, "-c", str(tmp_path / "settings.yaml")], capsys) == config  # it reads back
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_config_file_sets_a_value(name, tmp_path):
+    words, _, change = CASES[name]
+    (tmp_path / "change.yaml").write_text(yaml.safe_dump(change))
+    settings = parse_command(words[0], [*words[1:], "-c", str(tmp_path / "change.yaml")])
+    assert {k: settings[k] for k in change} == change
+    assert {k: parse_command(words[0], words[1:])[k] for k in change} != change  # the file, not a default
+
+
+def test_tiny_base_old_spellings():
+    assert parse_command("tiny-base", ["o", "--hidden-size", "64", "--force"]) == \
+        parse_command("tiny-base", ["o", "--hidden_size", "64", "--force", "true"])
