@@ -21,7 +21,7 @@ from qthink.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigter
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "tiny-base": ("qthink.core.tiny", "build the embedded tiny Qwen3 base model (no network)"),
-    "init": ("qthink.cli", "wrap a base model with a fresh projection head as a seed-format checkpoint"),
+    "init": ("qthink.core.model", "wrap a base model with a fresh projection head as a seed-format checkpoint"),
     "generate": ("qthink.cli", "answer questions with latent reasoning (JSON lines out)"),
     "rollouts": ("qthink.teachers.rollouts", "sample G chain-of-thought rollouts per problem"),
     "teachers": ("qthink.teachers.extract", "extract the teacher hidden-state store from rollouts"),
@@ -44,25 +44,6 @@ def quiet_libraries() -> None:
 
 
 # ---- the foundation's own subcommands ----
-
-def add_init_arguments(p: argparse.ArgumentParser) -> None:
-    from qthink.arguments import seed_arg
-
-    p.add_argument("base", help="base model directory or Hugging Face repo id (e.g. Qwen/Qwen3-1.7B)")
-    p.add_argument("out", help="output checkpoint directory")
-    p.add_argument("--seed", type=seed_arg, default=0, help="seed for the head's initial weights")
-    p.add_argument("--latent-steps", type=int, default=SEED.latent_steps, help="K recorded in qthink.json")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
-
-
-def init_main(args) -> None:
-    from qthink.core.model import init_checkpoint
-
-    if args.latent_steps < 0:
-        raise UserError(f"--latent-steps must be >= 0 (got {args.latent_steps})")
-    out = init_checkpoint(args.base, args.out, args.seed, args.latent_steps, args.trust_remote_code)
-    print(f"wrote seed-format checkpoint to {out}")
-
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="seed-format checkpoint directory or Hugging Face repo id")
@@ -123,7 +104,6 @@ def generate_main(args) -> None:
 
 
 LOCAL = {
-    "init": (add_init_arguments, init_main),
     "generate": (add_generate_arguments, generate_main),
 }
 

@@ -6,11 +6,14 @@ import pytest
 import yaml
 
 from qthink.cli import main, parse_command
+from qthink.recipe import SEED
 
 # command words (with its required arguments), a few printed defaults, and one setting a YAML file changes
 CASES = {
     "tiny-base": (["tiny-base", "OUT"], {"out": "OUT", "seed": 0, "hidden_size": 128, "layers": 4, "force": False},
                   {"hidden_size": 64}),
+    "init": (["init", "BASE", "OUT"], {"base": "BASE", "out": "OUT", "seed": 0, "latent_steps": SEED.latent_steps,
+                                       "trust_remote_code": False}, {"latent_steps": 3}),
 }
 
 
@@ -42,3 +45,8 @@ def test_config_file_sets_a_value(name, tmp_path):
 def test_tiny_base_old_spellings():
     assert parse_command("tiny-base", ["o", "--hidden-size", "64", "--force"]) == \
         parse_command("tiny-base", ["o", "--hidden_size", "64", "--force", "true"])
+
+
+def test_init_old_spellings():
+    assert parse_command("init", ["b", "o", "--latent-steps", "2", "--trust-remote-code"]) == \
+        parse_command("init", ["b", "o", "--latent_steps", "2", "--trust_remote_code", "true"])
