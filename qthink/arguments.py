@@ -174,7 +174,8 @@ class SignatureCommand:
 
     `skip`: parameters that are not settings (callbacks). `positional`: the required parameters are positional
     arguments instead of required flags. `aliases`: older spellings kept working, "-G": "--G"; a target ending in
-    "." takes KEY=VALUE into that dict, "--task-option": "--task_options." (`--task-option steps=6`). Any
+    "." takes KEY=VALUE into that dict, "--task-option": "--task_options." (`--task-option steps=6`); one ending
+    in "+" appends each value up to the next flag to that list, "-q": "--question+" (`-q A B`). Any
     `--snake_case` flag may also be written `--kebab-case`, and a bool flag alone means true.
     """
 
@@ -191,7 +192,8 @@ class SignatureCommand:
                 and not (self.positional and p.default is inspect.Parameter.empty)}
 
     def parser(self, prog: str, description: str) -> ArgumentParser:
-        spellings = ", ".join(f"{old} KEY=VALUE = {new}KEY VALUE" if new.endswith(".") else f"{old} = {new}"
+        spellings = ", ".join(f"{old} KEY=VALUE = {new}KEY VALUE" if new.endswith(".") else
+                              f"{old} A B = {new} A {new} B" if new.endswith("+") else f"{old} = {new}"
                               for old, new in self.aliases.items())
         parser = ArgumentParser(prog=prog, description=description, exit_on_error=False,
                                 epilog=f"Flags may be written --a-b for --a_b; a bool flag alone means true. {spellings}")
@@ -218,6 +220,14 @@ class SignatureCommand:
                 key, sep, item = pair.partition("=")
                 require(bool(sep) and key.strip() != "", f"{name} must be KEY=VALUE (got {pair!r}), e.g. steps=6")
                 out.append(f"{target}{key.strip()}={item}")
+                continue
+            if target.endswith("+"):  # argparse's nargs="+": every value up to the next flag
+                values = [value] if eq else []
+                while i < len(argv) and not argv[i].startswith("-"):
+                    values.append(argv[i])
+                    i += 1
+                require(bool(values), f"{name} needs at least one value")
+                out += [part for v in values for part in (target, v)]
                 continue
             if target.startswith("--") and target[2:].replace("-", "_") in types:
                 target = "--" + target[2:].replace("-", "_")

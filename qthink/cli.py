@@ -8,21 +8,19 @@ User mistakes raise `qthink.errors.UserError` and are printed here as one line, 
 SIGTERM, handled the same way (`qthink.signals`), 143.
 """
 
-import argparse
 import importlib
 import logging
 import os
 import sys
 
 from qthink.errors import UserError
-from qthink.recipe import SEED
 from qthink.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_as_interrupt
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "tiny-base": ("qthink.core.tiny", "build the embedded tiny Qwen3 base model (no network)"),
     "init": ("qthink.core.model", "wrap a base model with a fresh projection head as a seed-format checkpoint"),
-    "generate": ("qthink.cli", "answer questions with latent reasoning (JSON lines out)"),
+    "generate": ("qthink.generate", "answer questions with latent reasoning (JSON lines out)"),
     "rollouts": ("qthink.teachers.rollouts", "sample G chain-of-thought rollouts per problem"),
     "teachers": ("qthink.teachers.extract", "extract the teacher hidden-state store from rollouts"),
     "export": ("qthink.export", "merge a Lightning checkpoint's LoRA and write a seed-format checkpoint"),
@@ -43,71 +41,6 @@ def quiet_libraries() -> None:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
-# ---- the foundation's own subcommands ----
-
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="seed-format checkpoint directory or Hugging Face repo id")
-    p.add_argument("-q", "--question", nargs="+", default=[], help="question(s) to answer")
-    p.add_argument("--input", help="JSON lines file with a `question` field per line")
-    p.add_argument("--latent-steps", type=int, default=None,
-                   help="K (default: the checkpoint's; an adaptive checkpoint then chooses each question's, at most K)")
-    p.add_argument("--max-new-tokens", type=int, default=SEED.max_answer_tokens, help="answer token budget")
-    p.add_argument("--batch-size", type=int, default=16, help="questions decoded together")
-    from qthink.arguments import add_decode_mode_argument
-
-    add_decode_mode_argument(p)
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
-
-
-def read_questions(path: str) -> list[str]:
-    import json
-
-    questions = []
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON lines") from e
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); one object per line") from e
-        if not isinstance(record, dict) or not isinstance(record.get("question"), str):
-            raise UserError(f"{path}:{n}: needs a string field `question`")
-        questions.append(record["question"])
-    return questions
-
-
-def generate_main(args) -> None:
-    import json
-
-    from qthink.arguments import require_positive
-    from qthink.core.device import parse_dtype, pick_device
-    from qthink.core.model import QThink
-
-    questions = list(args.question) + (read_questions(args.input) if args.input else [])
-    if not questions:
-        raise UserError("no questions given: pass -q QUESTION or --input FILE.jsonl")
-    require_positive({"--batch-size": args.batch_size, "--max-new-tokens": args.max_new_tokens})
-    device = pick_device(args.device)
-    qt = QThink.from_pretrained(args.ckpt, parse_dtype(args.dtype), device, args.trust_remote_code)
-    for r in qt.generate(questions, args.latent_steps, args.max_new_tokens, args.batch_size,
-                         decode_mode=args.decode_mode):
-        print(json.dumps({"question": r["question"], "answer": r["answer"], "token_ids": r["token_ids"],
-                          "latent_steps": r["latent_steps"]}), flush=True)
-
-
-LOCAL = {
-    "generate": (add_generate_arguments, generate_main),
-}
-
-
 def top_level_help() -> str:
     lines = ["usage: qthink COMMAND [ARGS...]   (qthink COMMAND --help for a command's options)", "", "commands:"]
     for name in LIGHTNING:
@@ -123,12 +56,11 @@ def command_parser(name: str):
     from qthink.arguments import OneLineParser
 
     module, help_text = COMMANDS[name]
-    command = None if name in LOCAL else getattr(importlib.import_module(module), "COMMAND", None)
+    command = getattr(importlib.import_module(module), "COMMAND", None)
     if command is not None:
         return command.parser(f"qthink {name}", help_text)
     parser = OneLineParser(prog=f"qthink {name}", description=help_text)
-    add_arguments = LOCAL[name][0] if name in LOCAL else importlib.import_module(module).add_cli_arguments
-    add_arguments(parser)
+    importlib.import_module(module).add_cli_arguments(parser)
     return parser
 
 
@@ -136,7 +68,7 @@ def parse_command(name: str, argv: list[str]):
     """The settings of `qthink NAME ARGV...`: a dict of keyword arguments for a signature command, else
     argparse's namespace."""
     parser = command_parser(name)
-    command = None if name in LOCAL else getattr(importlib.import_module(COMMANDS[name][0]), "COMMAND", None)
+    command = getattr(importlib.import_module(COMMANDS[name][0]), "COMMAND", None)
     return command.parse(parser, argv) if command is not None else parser.parse_args(argv)
 
 
@@ -158,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_lightning_cli(argv)
                 return 0
             args = parse_command(name, argv[1:])
-            run = LOCAL[name][1] if name in LOCAL else importlib.import_module(COMMANDS[name][0]).cli_main
-            return int(run(args) or 0)
+            return int(importlib.import_module(COMMANDS[name][0]).cli_main(args) or 0)
     except UserError as e:
         print(f"qthink: error: {e}", file=sys.stderr)
         return 2

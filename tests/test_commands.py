@@ -14,6 +14,10 @@ CASES = {
                   {"hidden_size": 64}),
     "init": (["init", "BASE", "OUT"], {"base": "BASE", "out": "OUT", "seed": 0, "latent_steps": SEED.latent_steps,
                                        "trust_remote_code": False}, {"latent_steps": 3}),
+    "generate": (["generate", "CKPT"], {"ckpt": "CKPT", "question": None, "input": None, "latent_steps": None,
+                                        "max_new_tokens": SEED.max_answer_tokens, "batch_size": 16,
+                                        "decode_mode": "dynamic", "dtype": "auto"},
+                 {"question": ["a=1 b=a+2 b?", "c?"], "decode_mode": "static"}),
 }
 
 
@@ -50,3 +54,13 @@ def test_tiny_base_old_spellings():
 def test_init_old_spellings():
     assert parse_command("init", ["b", "o", "--latent-steps", "2", "--trust-remote-code"]) == \
         parse_command("init", ["b", "o", "--latent_steps", "2", "--trust_remote_code", "true"])
+
+
+def test_generate_old_spellings():
+    """`-q A B` and `--question A B` (argparse's nargs="+") are the list of questions, whatever they look like."""
+    questions = ["a=1 b=a+2 b?", "what: is 3", "3", "[1, 2]"]
+    old = parse_command("generate", ["c", "-q", *questions, "--max-new-tokens", "4", "--decode-mode", "static",
+                                     "--trust-remote-code"])
+    assert old == parse_command("generate", ["c", "--question", *questions, "--max_new_tokens", "4",
+                                             "--decode_mode", "static", "--trust_remote_code", "true"])
+    assert old["question"] == questions and old["max_new_tokens"] == 4
