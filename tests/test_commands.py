@@ -18,6 +18,9 @@ CASES = {
                                         "max_new_tokens": SEED.max_answer_tokens, "batch_size": 16,
                                         "decode_mode": "dynamic", "dtype": "auto"},
                  {"question": ["a=1 b=a+2 b?", "c?"], "decode_mode": "static"}),
+    "demo": (["demo"], {"workdir": "runs/demo", "quick": False, "seed": 0, "chain_steps": None, "fit_steps": None,
+                        "systems": None, "ablation_seeds": None, "study": False},
+             {"chain_steps": 6, "fit_steps": 20, "systems": "sft,qthink"}),
 }
 
 
@@ -64,3 +67,11 @@ def test_generate_old_spellings():
     assert old == parse_command("generate", ["c", "--question", *questions, "--max_new_tokens", "4",
                                              "--decode_mode", "static", "--trust_remote_code", "true"])
     assert old["question"] == questions and old["max_new_tokens"] == 4
+
+
+def test_demo_old_spellings():
+    old = parse_command("demo", ["--workdir", "w", "--quick", "--chain-steps", "2-4", "--fit-steps", "9",
+                                 "--ablation-seeds", "0,1", "--systems", "sft"])
+    assert old == parse_command("demo", ["--workdir", "w", "--quick", "true", "--chain_steps", "2-4", "--fit_steps", "9",
+                                         "--ablation_seeds", "0,1", "--systems", "sft"])
+    assert (old["quick"], old["chain_steps"], old["ablation_seeds"]) == (True, "2-4", "0,1")
