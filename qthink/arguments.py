@@ -251,3 +251,26 @@ class SignatureCommand:
         settings = config.as_dict()
         settings.pop("config", None)
         return settings
+
+
+@dataclass(frozen=True)
+class CommandGroup:
+    """A subcommand with subcommands of its own (`qthink bench inference|train|...`): `commands` maps each name
+    to its `SignatureCommand` and help line; the settings are that command's, plus `what`, its name."""
+
+    commands: dict[str, tuple[SignatureCommand, str]]
+
+    def parser(self, prog: str, description: str) -> ArgumentParser:
+        parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+        sub = parser.add_subcommands(dest="what")
+        for name, (command, help_text) in self.commands.items():
+            sub.add_subcommand(name, command.parser(f"{prog} {name}", help_text), help=help_text)
+        return parser
+
+    def parse(self, parser: ArgumentParser, argv: list[str]) -> dict:
+        if argv and argv[0] in ("-h", "--help"):
+            parser.parse_args(argv)  # prints the subcommands and exits
+        require(bool(argv) and argv[0] in self.commands, f"{parser.prog}: choose one of {', '.join(self.commands)} "
+                f"(see `{parser.prog} --help`)")
+        command, help_text = self.commands[argv[0]]
+        return {"what": argv[0], **command.parse(command.parser(f"{parser.prog} {argv[0]}", help_text), argv[1:])}

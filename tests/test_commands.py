@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from qthink.cli import main, parse_command
+from qthink.errors import UserError
 from qthink.recipe import SEED
 
 # command words (with its required arguments), a few printed defaults, and one setting a YAML file changes
@@ -21,6 +22,12 @@ CASES = {
     "demo": (["demo"], {"workdir": "runs/demo", "quick": False, "seed": 0, "chain_steps": None, "fit_steps": None,
                         "systems": None, "ablation_seeds": None, "study": False},
              {"chain_steps": 6, "fit_steps": 20, "systems": "sft,qthink"}),
+    "bench-inference": (["bench", "inference"], {"model": "tiny", "batch_sizes": "1,8,32,64", "problems": 64,
+                                                 "latent_steps": SEED.latent_steps, "decode_modes": "dynamic"},
+                        {"problems": 3, "batch_sizes": "1,3"}),
+    "bench-gpu": (["bench", "gpu"], {"batch_size": 8, "latent_steps": SEED.latent_steps, "lora_r": SEED.lora_r,
+                                     "prompt_tokens": SEED.max_prompt_tokens, "small": False, "peak_tflops": None},
+                  {"small": True, "peak_tflops": 100.0}),
 }
 
 
@@ -75,3 +82,18 @@ def test_demo_old_spellings():
     assert old == parse_command("demo", ["--workdir", "w", "--quick", "true", "--chain_steps", "2-4", "--fit_steps", "9",
                                          "--ablation_seeds", "0,1", "--systems", "sft"])
     assert (old["quick"], old["chain_steps"], old["ablation_seeds"]) == (True, "2-4", "0,1")
+
+
+def test_bench_old_spellings():
+    """`bench gpu --config` is still the model's config.json (`-c` is the settings file); a bench takes its own
+    flags only."""
+    gpu = parse_command("bench", ["gpu", "--config", "m.json", "--batch-size", "2", "--small", "--peak-tflops", "9"])
+    assert gpu == {**parse_command("bench", ["gpu"]), "model_config": "m.json", "batch_size": 2, "small": True,
+                   "peak_tflops": 9.0}
+    assert gpu["what"] == "gpu"
+    assert parse_command("bench", ["all", "--batch-sizes", "3", "--max-new-tokens", "4"]) == \
+        {**parse_command("bench", ["all"]), "batch_sizes": "3", "max_new_tokens": 4}
+    with pytest.raises(UserError, match="unrecognized arguments: --problems"):
+        parse_command("bench", ["train", "--problems", "3"])
+    with pytest.raises(UserError, match="choose one of inference, train, teachers, all, gpu"):
+        parse_command("bench", [])
