@@ -87,29 +87,6 @@ Fraction = range_type("Fraction", float, lambda v: 0 <= v <= 1, "a number in [0,
 Probability = range_type("Probability", float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 
 
-def finite_float(text: str) -> float:
-    """argparse type of float flags: a finite number (inf and nan would pass every range check as written, and
-    manifests record them as `Infinity`/`NaN`, which is not JSON)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def seed_arg(text: str) -> int:
-    """argparse type of `--seed` flags: an integer in [0, 2^63)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"{text} is not a seed in [0, 2^63)")
-    return value
-
-
 # ---- jsonargparse's errors as one line (LightningCLI's and the signature commands') ----
 
 def config_files(argv: list[str]) -> list[str]:

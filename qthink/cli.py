@@ -1,9 +1,10 @@
 """The `qthink` command: one subcommand per pipeline stage (ARCHITECTURE.md contract 4).
 
 `fit`, `validate` and `test` are LightningCLI (`qthink.training.lightning_cli`); every other subcommand lives in the
-module that implements it, which exposes `cli_main(settings) -> int | None` and either `COMMAND`, a
+module that implements it, which exposes `cli_main(settings) -> int | None` and `COMMAND`: a
 `qthink.arguments.SignatureCommand` whose function's signature is the command's flags (`-c FILE`, `--print_config`;
-rollouts, teachers), or `add_cli_arguments(parser)` (argparse; the commands not yet converted).
+`bench` is a `CommandGroup` of them, one per bench), or, for `eval` until it is converted, `add_cli_arguments(parser)`
+(argparse). Only the chosen subcommand's module is imported, so `qthink --help` answers without torch.
 User mistakes raise `qthink.errors.UserError` and are printed here as one line, exit status 2; Ctrl-C exits 130 and
 SIGTERM, handled the same way (`qthink.signals`), 143.
 """
@@ -51,8 +52,8 @@ def top_level_help() -> str:
 
 def command_parser(name: str):
     """The parser of one subcommand; only that subcommand's module is imported. A module with a `COMMAND`
-    (`qthink.arguments.SignatureCommand`) has its flags built from its function's signature (jsonargparse);
-    the others still add argparse flags in `add_cli_arguments`."""
+    (`qthink.arguments.SignatureCommand` or `CommandGroup`) has its flags built from its function's signature
+    (jsonargparse); `eval` still adds argparse flags in `add_cli_arguments`."""
     from qthink.arguments import OneLineParser
 
     module, help_text = COMMANDS[name]
