@@ -100,29 +100,6 @@ Fraction = range_type("Fraction", float, lambda v: 0 <= v <= 1, "a number in [0,
 Probability = range_type("Probability", float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 
 
-def finite_float(text: str) -> float:
-    """argparse type of float flags: a finite number (inf and nan would pass every range check as written, and
-    manifests record them as `Infinity`/`NaN`, which is not JSON)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def seed_arg(text: str) -> int:
-    """argparse type of `--seed` flags: an integer in [0, 2^63)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"{text} is not a seed in [0, 2^63)")
-    return value
-
-
 # ---- jsonargparse's errors as one line (LightningCLI's and the signature commands') ----
 
 def config_files(argv: list[str]) -> list[str]:
@@ -187,7 +164,8 @@ class SignatureCommand:
 
     `skip`: parameters that are not settings (callbacks). `positional`: the required parameters are positional
     arguments instead of required flags. `aliases`: older spellings kept working, "-G": "--G"; a target ending in
-    "." takes KEY=VALUE into that dict, "--task-option": "--task_options." (`--task-option steps=6`). Any
+    "." takes KEY=VALUE into that dict, "--task-option": "--task_options." (`--task-option steps=6`); one ending
+    in "+" appends each value up to the next flag to that list, "-q": "--question+" (`-q A B`). Any
     `--snake_case` flag may also be written `--kebab-case`, and a bool flag alone means true.
     """
 
@@ -204,7 +182,8 @@ class SignatureCommand:
                 and not (self.positional and p.default is inspect.Parameter.empty)}
 
     def parser(self, prog: str, description: str) -> ArgumentParser:
-        spellings = ", ".join(f"{old} KEY=VALUE = {new}KEY VALUE" if new.endswith(".") else f"{old} = {new}"
+        spellings = ", ".join(f"{old} KEY=VALUE = {new}KEY VALUE" if new.endswith(".") else
+                              f"{old} A B = {new} A {new} B" if new.endswith("+") else f"{old} = {new}"
                               for old, new in self.aliases.items())
         parser = ArgumentParser(prog=prog, description=description, exit_on_error=False,
                                 epilog=f"Flags may be written --a-b for --a_b; a bool flag alone means true. {spellings}")
@@ -232,6 +211,14 @@ class SignatureCommand:
                 require(bool(sep) and key.strip() != "", f"{name} must be KEY=VALUE (got {pair!r}), e.g. steps=6")
                 out.append(f"{target}{key.strip()}={item}")
                 continue
+            if target.endswith("+"):  # argparse's nargs="+": every value up to the next flag
+                values = [value] if eq else []
+                while i < len(argv) and not argv[i].startswith("-"):
+                    values.append(argv[i])
+                    i += 1
+                require(bool(values), f"{name} needs at least one value")
+                out += [part for v in values for part in (target, v)]
+                continue
             if target.startswith("--") and target[2:].replace("-", "_") in types:
                 target = "--" + target[2:].replace("-", "_")
             if types.get(target[2:]) is bool and not eq:  # `--flag` alone is true, as argparse's store_true had it
@@ -254,3 +241,26 @@ class SignatureCommand:
         settings = config.as_dict()
         settings.pop("config", None)
         return settings
+
+
+@dataclass(frozen=True)
+class CommandGroup:
+    """A subcommand with subcommands of its own (`qthink bench inference|train|...`): `commands` maps each name
+    to its `SignatureCommand` and help line; the settings are that command's, plus `what`, its name."""
+
+    commands: dict[str, tuple[SignatureCommand, str]]
+
+    def parser(self, prog: str, description: str) -> ArgumentParser:
+        parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+        sub = parser.add_subcommands(dest="what")
+        for name, (command, help_text) in self.commands.items():
+            sub.add_subcommand(name, command.parser(f"{prog} {name}", help_text), help=help_text)
+        return parser
+
+    def parse(self, parser: ArgumentParser, argv: list[str]) -> dict:
+        if argv and argv[0] in ("-h", "--help"):
+            parser.parse_args(argv)  # prints the subcommands and exits
+        require(bool(argv) and argv[0] in self.commands, f"{parser.prog}: choose one of {', '.join(self.commands)} "
+                f"(see `{parser.prog} --help`)")
+        command, help_text = self.commands[argv[0]]
+        return {"what": argv[0], **command.parse(command.parser(f"{parser.prog} {argv[0]}", help_text), argv[1:])}

@@ -1,26 +1,25 @@
 """The `qthink` command: one subcommand per pipeline stage (ARCHITECTURE.md contract 4).
 
 `fit`, `validate` and `test` are LightningCLI (`qthink.training.lightning_cli`); every other subcommand lives in the
-module that implements it, which exposes `cli_main(settings) -> int | None` and either `COMMAND`, a
+module that implements it, which exposes `cli_main(settings) -> int | None` and `COMMAND`: a
 `qthink.arguments.SignatureCommand` whose function's signature is the command's flags (`-c FILE`, `--print_config`;
-rollouts, teachers), or `add_cli_arguments(parser)` (argparse; the commands not yet converted).
+`bench` is a `CommandGroup` of them, one per bench), or, for `eval` until it is converted, `add_cli_arguments(parser)`
+(argparse). Only the chosen subcommand's module is imported, so `qthink --help` answers without torch.
 User mistakes raise `qthink.errors.UserError` and are printed here as one line, exit status 2; Ctrl-C exits 130 and
 SIGTERM, handled the same way (`qthink.signals`), 143.
 """
 
-import argparse
 import importlib
 import sys
 
 from qthink.errors import UserError
-from qthink.recipe import SEED
 from qthink.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_as_interrupt
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "tiny-base": ("qthink.cli", "build the embedded tiny Qwen3 base model (no network)"),
-    "init": ("qthink.cli", "wrap a base model with a fresh projection head as a seed-format checkpoint"),
-    "generate": ("qthink.cli", "answer questions with latent reasoning (JSON lines out)"),
+    "tiny-base": ("qthink.core.tiny", "build the embedded tiny Qwen3 base model (no network)"),
+    "init": ("qthink.core.model", "wrap a base model with a fresh projection head as a seed-format checkpoint"),
+    "generate": ("qthink.generate", "answer questions with latent reasoning (JSON lines out)"),
     "rollouts": ("qthink.teachers.rollouts", "sample G chain-of-thought rollouts per problem"),
     "teachers": ("qthink.teachers.extract", "extract the teacher hidden-state store from rollouts"),
     "export": ("qthink.export", "merge a Lightning checkpoint's LoRA and write a seed-format checkpoint"),
@@ -31,108 +30,6 @@ COMMANDS = {
 LIGHTNING = ("fit", "validate", "test")
 
 
-# ---- the foundation's own subcommands ----
-
-def add_tiny_base_arguments(p: argparse.ArgumentParser) -> None:
-    from qthink.arguments import seed_arg
-
-    p.add_argument("out", help="output directory")
-    p.add_argument("--seed", type=seed_arg, default=0, help="seed for the weights and the tokenizer corpus")
-    p.add_argument("--hidden-size", type=int, default=128, help="hidden size (heads = hidden/32)")
-    p.add_argument("--layers", type=int, default=4, help="number of decoder layers")
-    p.add_argument("--force", action="store_true", help="replace a tiny base already in OUT (what was built on "
-                   "it then refuses the new one)")
-
-
-def tiny_base_main(args) -> None:
-    from qthink.core.tiny import build_tiny_base
-
-    out = build_tiny_base(args.out, args.seed, args.hidden_size, args.layers, args.force)
-    print(f"wrote tiny Qwen3 base to {out}")
-
-
-def add_init_arguments(p: argparse.ArgumentParser) -> None:
-    from qthink.arguments import seed_arg
-
-    p.add_argument("base", help="base model directory or Hugging Face repo id (e.g. Qwen/Qwen3-1.7B)")
-    p.add_argument("out", help="output checkpoint directory")
-    p.add_argument("--seed", type=seed_arg, default=0, help="seed for the head's initial weights")
-    p.add_argument("--latent-steps", type=int, default=SEED.latent_steps, help="K recorded in qthink.json")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
-
-
-def init_main(args) -> None:
-    from qthink.core.model import init_checkpoint
-
-    if args.latent_steps < 0:
-        raise UserError(f"--latent-steps must be >= 0 (got {args.latent_steps})")
-    out = init_checkpoint(args.base, args.out, args.seed, args.latent_steps, args.trust_remote_code)
-    print(f"wrote seed-format checkpoint to {out}")
-
-
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="seed-format checkpoint directory or Hugging Face repo id")
-    p.add_argument("-q", "--question", nargs="+", default=[], help="question(s) to answer")
-    p.add_argument("--input", help="JSON lines file with a `question` field per line")
-    p.add_argument("--latent-steps", type=int, default=None,
-                   help="K (default: the checkpoint's; an adaptive checkpoint then chooses each question's, at most K)")
-    p.add_argument("--max-new-tokens", type=int, default=SEED.max_answer_tokens, help="answer token budget")
-    p.add_argument("--batch-size", type=int, default=16, help="questions decoded together")
-    from qthink.arguments import add_decode_mode_argument
-
-    add_decode_mode_argument(p)
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
-
-
-def read_questions(path: str) -> list[str]:
-    import json
-
-    questions = []
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON lines") from e
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); one object per line") from e
-        if not isinstance(record, dict) or not isinstance(record.get("question"), str):
-            raise UserError(f"{path}:{n}: needs a string field `question`")
-        questions.append(record["question"])
-    return questions
-
-
-def generate_main(args) -> None:
-    import json
-
-    from qthink.arguments import require_positive
-    from qthink.core.device import parse_dtype, pick_device
-    from qthink.core.model import QThink
-
-    questions = list(args.question) + (read_questions(args.input) if args.input else [])
-    if not questions:
-        raise UserError("no questions given: pass -q QUESTION or --input FILE.jsonl")
-    require_positive({"--batch-size": args.batch_size, "--max-new-tokens": args.max_new_tokens})
-    device = pick_device(args.device)
-    qt = QThink.from_pretrained(args.ckpt, parse_dtype(args.dtype), device, args.trust_remote_code)
-    for r in qt.generate(questions, args.latent_steps, args.max_new_tokens, args.batch_size,
-                         decode_mode=args.decode_mode):
-        print(json.dumps({"question": r["question"], "answer": r["answer"], "token_ids": r["token_ids"],
-                          "latent_steps": r["latent_steps"]}), flush=True)
-
-
-LOCAL = {
-    "tiny-base": (add_tiny_base_arguments, tiny_base_main),
-    "init": (add_init_arguments, init_main),
-    "generate": (add_generate_arguments, generate_main),
-}
 
 
 def top_level_help() -> str:
@@ -145,17 +42,16 @@ def top_level_help() -> str:
 
 def command_parser(name: str):
     """The parser of one subcommand; only that subcommand's module is imported. A module with a `COMMAND`
-    (`qthink.arguments.SignatureCommand`) has its flags built from its function's signature (jsonargparse);
-    the others still add argparse flags in `add_cli_arguments`."""
+    (`qthink.arguments.SignatureCommand` or `CommandGroup`) has its flags built from its function's signature
+    (jsonargparse); `eval` still adds argparse flags in `add_cli_arguments`."""
     from qthink.arguments import OneLineParser
 
     module, help_text = COMMANDS[name]
-    command = None if name in LOCAL else getattr(importlib.import_module(module), "COMMAND", None)
+    command = getattr(importlib.import_module(module), "COMMAND", None)
     if command is not None:
         return command.parser(f"qthink {name}", help_text)
     parser = OneLineParser(prog=f"qthink {name}", description=help_text)
-    add_arguments = LOCAL[name][0] if name in LOCAL else importlib.import_module(module).add_cli_arguments
-    add_arguments(parser)
+    importlib.import_module(module).add_cli_arguments(parser)
     return parser
 
 
@@ -163,7 +59,7 @@ def parse_command(name: str, argv: list[str]):
     """The settings of `qthink NAME ARGV...`: a dict of keyword arguments for a signature command, else
     argparse's namespace."""
     parser = command_parser(name)
-    command = None if name in LOCAL else getattr(importlib.import_module(COMMANDS[name][0]), "COMMAND", None)
+    command = getattr(importlib.import_module(COMMANDS[name][0]), "COMMAND", None)
     return command.parse(parser, argv) if command is not None else parser.parse_args(argv)
 
 
@@ -187,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_lightning_cli(argv)
                 return 0
             args = parse_command(name, argv[1:])
-            run = LOCAL[name][1] if name in LOCAL else importlib.import_module(COMMANDS[name][0]).cli_main
-            return int(run(args) or 0)
+            return int(importlib.import_module(COMMANDS[name][0]).cli_main(args) or 0)
     except UserError as e:
         print(f"qthink: error: {e}", file=sys.stderr)
         return 2

@@ -150,8 +150,8 @@ CASES = [
     # flags
     ("generate {CKPT} --input {W}/empty.jsonl", "no questions given"),
     ("generate {CKPT} -q hi --batch-size -1", "--batch-size must be > 0 (got -1)"),
-    ("generate {CKPT} -q hi --batch-size x", "argument --batch-size: invalid int value: 'x'"),
-    ("generate {CKPT} -q hi --decode-mode foo", "argument --decode-mode: invalid choice: 'foo'"),
+    ("generate {CKPT} -q hi --batch-size x", 'Parser key "batch_size": expected int. Got value: x'),
+    ("generate {CKPT} -q hi --decode-mode foo", "--decode-mode must be one of dynamic, static, compiled (got 'foo')"),
     (TEACHERS + "--out {W}/t --position-scheme foo", "--position-scheme 'foo': use one of linspace"),
     ("eval {CKPT} --task synthetic --limit -3", "--limit must be a positive integer (got -3)"),
     ("eval {CKPT} --task synthetic --limit 2 --batch-size 0 --out {W}/e", "--batch-size must be > 0 (got 0)"),

@@ -10,18 +10,17 @@ per `--decode-modes` mode (default `dynamic,compiled`: the growing cache, and th
 torch.compile with CUDA graphs), each row saying how many of its tokens equal the first mode's.
 """
 
-import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from qthink.arguments import finite_float, parse_decode_modes
+from qthink.arguments import PositiveFinite, parse_decode_modes
 from qthink.core.device import default_device
 from qthink.core.latent import ProjectionHead
 from qthink.errors import require
+from qthink.files import read_json
 from qthink.measure import sync, timed, train_flops, write_json
 from qthink.recipe import SEED
 from qthink.shipped import config_file
@@ -38,7 +37,7 @@ SMALL = {"batch_size": 2, "prompt_tokens": 32, "answer_tokens": 8, "latent_steps
          "infer_batch": 4, "infer_prompt_tokens": 16, "infer_new_tokens": 8}
 
 
-def peak_tflops(device: torch.device) -> float | None:
+def peak_of(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -173,46 +172,54 @@ def training_step_speed(base: Path, device: torch.device, batch: int, prompt: in
     return row
 
 
-def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=str(QWEN3_1P7B), help="config.json giving the model shape")
-    p.add_argument("--batch-size", type=int, default=8, help="training batch size")
-    p.add_argument("--prompt-tokens", type=int, default=SEED.max_prompt_tokens)
-    p.add_argument("--answer-tokens", type=int, default=SEED.max_answer_tokens)
-    p.add_argument("--latent-steps", type=int, default=SEED.latent_steps)
-    p.add_argument("--lora-r", type=int, default=SEED.lora_r)
-    p.add_argument("--steps", type=int, default=5, help="timed training steps (after 2 warm-up steps)")
-    p.add_argument("--infer-batch", type=int, default=64)
-    p.add_argument("--infer-prompt-tokens", type=int, default=256)
-    p.add_argument("--infer-new-tokens", type=int, default=256)
-    p.add_argument("--decode-modes", default="dynamic,compiled", help="inference decode modes, comma-separated "
-                   "(dynamic, static, compiled: see qthink.core.latent); the first is the reference")
-    p.add_argument("--peak-tflops", type=finite_float, default=None, help="card's dense bf16 peak (default: known cards)")
-    p.add_argument("--small", action="store_true", help="tiny shape and sizes; runs on CPU (smoke test)")
-    p.add_argument("--json", default=None, help="output JSON (default: $OUT/bench_gpu.json when $OUT is set)")
+def bench_gpu(model_config: str = str(QWEN3_1P7B), batch_size: int = 8, prompt_tokens: int = SEED.max_prompt_tokens,
+              answer_tokens: int = SEED.max_answer_tokens, latent_steps: int = SEED.latent_steps, lora_r: int = SEED.lora_r,
+              steps: int = 5, infer_batch: int = 64, infer_prompt_tokens: int = 256, infer_new_tokens: int = 256,
+              decode_modes: str = "dynamic,compiled", peak_tflops: PositiveFinite | None = None, small: bool = False,
+              json: str | None = None) -> list[dict]:
+    """Training-step and latent-inference speed of a random model of `model_config`'s shape; prints the rows.
 
-
-def gpu_main(args) -> None:
+    Args:
+        model_config: config.json giving the model shape (also --config)
+        batch_size: training batch size
+        prompt_tokens: training prompt length
+        answer_tokens: training answer length
+        latent_steps: K
+        lora_r: LoRA rank
+        steps: timed training steps (after 2 warm-up steps)
+        infer_batch: inference batch size
+        infer_prompt_tokens: inference prompt length
+        infer_new_tokens: inference answer tokens
+        decode_modes: inference decode modes, comma-separated (dynamic, static, compiled: see qthink.core.latent);
+            the first is the reference
+        peak_tflops: card's dense bf16 peak (default: known cards)
+        small: tiny shape and sizes; runs on CPU (smoke test)
+        json: output JSON (default: $OUT/bench_gpu.json when $OUT is set)
+    """
     import os
 
     from transformers import AutoConfig
 
     from qthink.core.tiny import tiny_config
 
-    require(args.small or torch.cuda.is_available(), "qthink bench gpu needs a CUDA GPU and torch sees none "
+    require(small or torch.cuda.is_available(), "qthink bench gpu needs a CUDA GPU and torch sees none "
             "(torch.cuda.is_available() is False); run `qthink bench gpu --small` for a CPU smoke test")
-    sizes = SMALL if args.small else {k: getattr(args, k) for k in SMALL}
+    given = {"batch_size": batch_size, "prompt_tokens": prompt_tokens, "answer_tokens": answer_tokens,
+             "latent_steps": latent_steps, "lora_r": lora_r, "steps": steps, "infer_batch": infer_batch,
+             "infer_prompt_tokens": infer_prompt_tokens, "infer_new_tokens": infer_new_tokens}
+    sizes = SMALL if small else given
     require(all(v > 0 for v in sizes.values()), f"bench gpu sizes must be > 0 (got {sizes})")
-    modes = parse_decode_modes(args.decode_modes)
-    if args.small:
+    modes = parse_decode_modes(decode_modes)
+    if small:
         config = tiny_config(512)
     else:
-        require(Path(args.config).is_file(), f"{args.config}: no such config file; pass --config model.json")
-        config = AutoConfig.for_model(**json.loads(Path(args.config).read_text()))
+        require(Path(model_config).is_file(), f"{model_config}: no such config file; pass --config model.json")
+        config = AutoConfig.for_model(**read_json(Path(model_config), "pass --config model.json"))
     device = default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu":
         torch.set_num_threads(1)  # the tiny shape: see qthink.evaluate.choose_threads
-    peak = args.peak_tflops or peak_tflops(device)
+    peak = peak_tflops or peak_of(device)
     with tempfile.TemporaryDirectory(prefix="qthink-bench-gpu-") as tmp:
         base = write_random_base(config, Path(tmp), dtype, device)
         rows = inference_rows(base, device, dtype, sizes, modes)
@@ -224,5 +231,6 @@ def gpu_main(args) -> None:
         row.update(bench="gpu", device=name, dtype=str(dtype).removeprefix("torch."), peak_tflops=peak,
                    hidden_size=config.hidden_size, layers=config.num_hidden_layers)
     print(records_table(rows))
-    out = args.json or (str(Path(os.environ["OUT"]) / "bench_gpu.json") if os.environ.get("OUT") else None)
+    out = json or (str(Path(os.environ["OUT"]) / "bench_gpu.json") if os.environ.get("OUT") else None)
     write_json(rows, out)
+    return rows

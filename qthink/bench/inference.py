@@ -2,7 +2,7 @@
 
     qthink bench inference [--model tiny|DIR] [--batch-sizes 1,8,32,64] [--problems N] [--json OUT]
     qthink bench train | teachers | all          (training step / teacher extraction / all three)
-    qthink bench gpu [--small]                   (Qwen3-1.7B shape, random weights, CUDA; `gpu_main`)
+    qthink bench gpu [--small]                   (Qwen3-1.7B shape, random weights, CUDA; `bench_gpu`)
 
 `inference` runs on the same synthetic test questions, in one process, all greedy with the same budgets:
 - `seed`:    the seed's published recipe, one question at a time (`qthink.bench.seed_recipe`), the baseline;
@@ -17,7 +17,7 @@ their tokens equal the seed's, question by question, and what one latent pass an
 at that batch (`latent_pass_ms`, `decode_pass_ms`, `pass_ratio`: see `pass_times`).
 """
 
-import argparse
+import inspect
 import math
 import statistics
 import tempfile
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qthink.arguments import comma_ints, parse_decode_modes
+from qthink.arguments import CommandGroup, SignatureCommand, comma_ints, parse_decode_modes
 from qthink.bench.seed_recipe import seed_generate
 from qthink.core.device import parse_dtype
 from qthink.core.latent import ProjectionHead, decode, model_parts, think
@@ -265,72 +265,91 @@ INFERENCE_COLUMNS = ["system", "batch_size", "decode_mode", "problems_per_s", "t
 # ---- CLI ----
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{inference,train,teachers,all,gpu}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default="tiny", help="tiny (built here, weights spread) | checkpoint or base DIR")
-    common.add_argument("--json", help="write the rows to this JSON file")
-    common.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto")
-    common.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    common.add_argument("--store", default=None, help="bench train: teacher store (default: built from the model)")
-    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for a small model on CPU)")
-    infer = argparse.ArgumentParser(add_help=False)
-    infer.add_argument("--batch-sizes", default="1,8,32,64", help="comma-separated qthink batch sizes")
-    infer.add_argument("--problems", type=int, default=64, help="synthetic test questions")
-    infer.add_argument("--max-new-tokens", type=int, default=64, help="answer token budget, every system")
-    infer.add_argument("--latent-steps", type=int, default=SEED.latent_steps, help="K for seed, nocache and qthink")
-    infer.add_argument("--repeats", type=int, default=3, help="timed runs per system (median reported)")
-    infer.add_argument("--systems", default=",".join(SYSTEMS), help="subset of " + ",".join(SYSTEMS))
-    infer.add_argument("--decode-modes", default="dynamic",
-                       help="qthink decode modes to time, comma-separated: dynamic,static,compiled")
-    sub.add_parser("inference", parents=[common, infer], help="seed vs nocache vs qthink vs think")
-    sub.add_parser("train", parents=[common], help="training step, batched vs 1 x B (qthink.bench.train)")
-    sub.add_parser("teachers", parents=[common], help="teacher extraction (qthink.bench.teachers)")
-    sub.add_parser("all", parents=[common, infer], help="inference, train and teachers: one table")
-    from qthink.bench.gpu import add_gpu_arguments
-
-    add_gpu_arguments(sub.add_parser("gpu", help="Qwen3-1.7B shape on a CUDA GPU (--small: CPU smoke test)"))
-
-
 def parse_ints(text: str, flag: str) -> list[int]:
     values = comma_ints(text, flag)
     require(values and all(v > 0 for v in values), f"{flag} needs positive integers (got {text!r})")
     return values
 
 
-def inference_main(args, qt: QThink) -> list[dict]:
+def inference_main(qt: QThink, batch_sizes: str, problems: int, max_new_tokens: int, latent_steps: int, repeats: int,
+                   systems: str, decode_modes: str) -> list[dict]:
     from qthink.tasks import get_task
 
-    systems = tuple(s.strip() for s in args.systems.split(","))
-    require(set(systems) <= set(SYSTEMS), f"--systems: unknown {sorted(set(systems) - set(SYSTEMS))}; use {SYSTEMS}")
-    modes = parse_decode_modes(args.decode_modes)
-    require(args.problems > 0, f"--problems must be > 0 (got {args.problems})")
-    require(args.repeats > 0, f"--repeats must be > 0 (got {args.repeats})")
-    qt.check_request([1], args.latent_steps, args.max_new_tokens)
-    questions = [r["question"] for r in get_task("synthetic").load("test", n=args.problems)]
-    rows = bench_inference(qt, questions, parse_ints(args.batch_sizes, "--batch-sizes"), args.latent_steps,
-                           args.max_new_tokens, args.repeats, systems, modes)
+    chosen = tuple(s.strip() for s in systems.split(","))
+    require(set(chosen) <= set(SYSTEMS), f"--systems: unknown {sorted(set(chosen) - set(SYSTEMS))}; use {SYSTEMS}")
+    modes = parse_decode_modes(decode_modes)
+    require(problems > 0, f"--problems must be > 0 (got {problems})")
+    require(repeats > 0, f"--repeats must be > 0 (got {repeats})")
+    qt.check_request([1], latent_steps, max_new_tokens)
+    questions = [r["question"] for r in get_task("synthetic").load("test", n=problems)]
+    rows = bench_inference(qt, questions, parse_ints(batch_sizes, "--batch-sizes"), latent_steps, max_new_tokens,
+                           repeats, chosen, modes)
     return [{"bench": "inference", **r} for r in rows]
 
 
-def cli_main(args) -> None:
+def run_bench(what: str = "inference", model: str = "tiny", json: str | None = None, dtype: str = "auto",
+              device: str | None = None, store: str | None = None, threads: int | None = None,
+              batch_sizes: str = "1,8,32,64", problems: int = 64, max_new_tokens: int = 64,
+              latent_steps: int = SEED.latent_steps, repeats: int = 3, systems: str = ",".join(SYSTEMS),
+              decode_modes: str = "dynamic") -> list[dict]:
+    """`qthink bench inference|train|teachers|all`: the rows of those benches, printed as one table.
+
+    Args:
+        what: inference | train | teachers | all
+        model: tiny (built here, weights spread) | checkpoint or base DIR
+        json: write the rows to this JSON file
+        dtype: float32 | bfloat16 | float16 | auto
+        device: cpu | cuda (default: cuda if available)
+        store: bench train: teacher store (default: built from the model)
+        threads: torch CPU threads (default: 1 for a small model on CPU)
+        batch_sizes: comma-separated qthink batch sizes
+        problems: synthetic test questions
+        max_new_tokens: answer token budget, every system
+        latent_steps: K for seed, nocache and qthink
+        repeats: timed runs per system (median reported)
+        systems: subset of seed,nocache,qthink,think
+        decode_modes: qthink decode modes to time, comma-separated: dynamic,static,compiled
+    """
     from qthink.core.device import pick_device
-
-    if args.what == "gpu":
-        from qthink.bench.gpu import gpu_main
-
-        return gpu_main(args)
     from qthink.evaluate import choose_threads
 
-    device = pick_device(args.device)
+    pick = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="qthink-bench-") as tmp:
-        qt = load_bench_model(args.model, Path(tmp), parse_dtype(args.dtype), device)
-        choose_threads(qt, args.threads)
-        base_dir = Path(tmp) / "base" if args.model == "tiny" else Path(args.model)
-        rows = inference_main(args, qt) if args.what in ("inference", "all") else []
+        qt = load_bench_model(model, Path(tmp), parse_dtype(dtype), pick)
+        choose_threads(qt, threads)
+        base_dir = Path(tmp) / "base" if model == "tiny" else Path(model)
+        rows = (inference_main(qt, batch_sizes, problems, max_new_tokens, latent_steps, repeats, systems, decode_modes)
+                if what in ("inference", "all") else [])
         for bench in ("train", "teachers"):
-            if args.what in (bench, "all"):
-                rows += run_other(bench, base_dir, Path(tmp), args.device, args.store)
-    columns = INFERENCE_COLUMNS if args.what == "inference" else None
-    print(records_table(rows, columns))
-    write_json(rows, args.json)
+            if what in (bench, "all"):
+                rows += run_other(bench, base_dir, Path(tmp), device, store)
+    print(records_table(rows, INFERENCE_COLUMNS if what == "inference" else None))
+    write_json(rows, json)
+    return rows
+
+
+def _commands() -> dict:
+    from qthink.bench.gpu import bench_gpu
+
+    inference_only = frozenset(list(inspect.signature(run_bench).parameters)[7:])  # batch_sizes ... decode_modes
+    everything = SignatureCommand(run_bench, skip=frozenset({"what"}))
+    common = SignatureCommand(run_bench, skip=frozenset({"what"}) | inference_only)
+    return {"inference": (everything, "seed vs nocache vs qthink vs think"),
+            "train": (common, "training step, batched vs 1 x B (qthink.bench.train)"),
+            "teachers": (common, "teacher extraction (qthink.bench.teachers)"),
+            "all": (everything, "inference, train and teachers: one table"),
+            "gpu": (SignatureCommand(bench_gpu, aliases={"--config": "--model_config"}),
+                    "Qwen3-1.7B shape on a CUDA GPU (--small: CPU smoke test)")}
+
+
+COMMAND = CommandGroup(_commands())
+
+
+def cli_main(settings: dict) -> None:
+    if settings["what"] == "gpu":
+        from qthink.bench.gpu import bench_gpu
+
+        settings.pop("what")
+        bench_gpu(**settings)
+    else:
+        run_bench(**settings)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from qthink.arguments import Seed, SignatureCommand
 from qthink.core.latent import DECODE_MODES, HaltingHead, ProjectionHead, generate
 from qthink.core.sampling import Sampler, row_seed
 from qthink.core.sequences import encode_prompts, left_pad, length_batches, output_text, stop_ids
@@ -386,9 +387,18 @@ def check_checkpoint_dir(out: str | Path, sources: tuple[str | Path | None, ...]
     writable_dir(out.absolute().parent, "checkpoint parent folder")
 
 
-def init_checkpoint(base: str, out: str | Path, seed: int = 0, latent_steps: int = SEED.latent_steps,
+def init_checkpoint(base: str, out: str | Path, seed: Seed = 0, latent_steps: int = SEED.latent_steps,
                     trust_remote_code: bool = False) -> Path:
-    """Wrap a base model with a freshly initialised head (seeded) and write a seed-format checkpoint."""
+    """Wrap a base model with a freshly initialised head (seeded) and write a seed-format checkpoint.
+
+    Args:
+        base: base model directory or Hugging Face repo id (e.g. Qwen/Qwen3-1.7B)
+        out: output checkpoint directory
+        seed: seed for the head's initial weights
+        latent_steps: K recorded in qthink.json
+        trust_remote_code: allow custom model code from the repo
+    """
+    require(latent_steps >= 0, f"--latent-steps must be >= 0 (got {latent_steps})")
     with lock_beside(out, "checkpoint folder"):  # held from the first check to the rename
         return _init_locked(base, out, seed, latent_steps, trust_remote_code)
 
@@ -401,3 +411,10 @@ def _init_locked(base: str, out: str | Path, seed: int, latent_steps: int, trust
     info = {"base_model": base, "base_fingerprint": fingerprint(base), "trained": "no (fresh head)", "seed": seed}
     qt = QThink(model, tokenizer, head, latent_steps, info)
     return qt.save_pretrained(out)
+
+
+COMMAND = SignatureCommand(init_checkpoint, positional=True)
+
+
+def cli_main(settings: dict) -> None:
+    print(f"wrote seed-format checkpoint to {init_checkpoint(**settings)}")

@@ -16,6 +16,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from qthink.arguments import Seed, SignatureCommand
 from qthink.errors import require
 from qthink.files import writable_dir
 from qthink.identity import CHECKSUMS, write_checksums
@@ -150,10 +151,18 @@ def check_output_dir(out: str | Path, force: bool = False) -> Path:
     return out
 
 
-def build_tiny_base(out: str | Path, seed: int = 0, hidden_size: int = 128, layers: int = 4,
+def build_tiny_base(out: str | Path, seed: Seed = 0, hidden_size: int = 128, layers: int = 4,
                     force: bool = False) -> Path:
     """Write the tiny Qwen3 base model and its tokenizer to `out`, with checksums (`qthink.identity`); the
-    same seed gives the same files. An existing base in `out` is replaced only with `force`."""
+    same seed gives the same files. An existing base in `out` is replaced only with `force`.
+
+    Args:
+        out: output directory
+        seed: seed for the weights and the tokenizer corpus
+        hidden_size: hidden size (heads = hidden/32)
+        layers: number of decoder layers
+        force: replace a tiny base already in OUT (what was built on it then refuses the new one)
+    """
     require(hidden_size >= 32 and hidden_size % 32 == 0, f"--hidden-size must be a positive multiple of 32 "
             f"(heads are hidden/32; got {hidden_size})")
     require(layers >= 1, f"--layers must be >= 1 (got {layers})")
@@ -172,3 +181,10 @@ def build_tiny_base(out: str | Path, seed: int = 0, hidden_size: int = 128, laye
     tokenizer.save_pretrained(out)
     write_checksums(out)
     return out
+
+
+COMMAND = SignatureCommand(build_tiny_base, positional=True)
+
+
+def cli_main(settings: dict) -> None:
+    print(f"wrote tiny Qwen3 base to {build_tiny_base(**settings)}")

@@ -22,14 +22,13 @@ Stages (each resumable: a finished stage is recorded in `<workdir>/stages.json` 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from qthink.arguments import comma_ints, comma_list
+from qthink.arguments import Seed, SignatureCommand, comma_ints, comma_list
 from qthink.demo.stages import (
     QUICK,
     SYSTEMS,
@@ -110,32 +109,6 @@ def _run_demo(workdir: Path, s: DemoSettings, quick: bool, seed: int, force: boo
     return {"table": table, "table_by_length": per_length, "rows": rows, "cost": cost, "ablation": ablation, "report": str(report)}
 
 
-def add_cli_arguments(p: argparse.ArgumentParser) -> None:
-    from qthink.arguments import seed_arg
-
-    p.add_argument("--workdir", default="runs/demo", help="where every stage writes (resumable)")
-    p.add_argument("--quick", action="store_true", help="toy sizes: the same pipeline end to end in about 3-5 minutes")
-    p.add_argument("--seed", type=seed_arg, default=0, help="seed of every stage")
-    p.add_argument("--force", action="store_true", help="redo every stage")
-    p.add_argument("--chain-steps", default=None,
-                   help="operations per synthetic chain: a number or a range LOW-HIGH, each problem's length drawn "
-                   "from it (default 2-4; 6 makes the seed's K=6 one latent per step)")
-    p.add_argument("--fit-steps", type=int, default=None,
-                   help="optimizer steps per fit (default 1500; longer chains need longer fits to converge)")
-    p.add_argument("--patience", type=int, default=None,
-                   help="stop each fit early when validation reaches 100%% or has not improved for this many checks "
-                   "(default 0: every fit runs --fit-steps; with 2, SFT stopped at step 1,000 of 1,500, F22)")
-    p.add_argument("--systems", default=None,
-                   help="comma-separated students to fit and evaluate, or all (default: "
-                   + ", ".join(x.name for x in SYSTEMS if x.variant and x.default) + "; also: "
-                   + ", ".join(x.name for x in SYSTEMS if x.variant and not x.default) + "); the base rows always run")
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes for independent stages (default: 2, or 1 on a one-core machine)")
-    p.add_argument("--ablation-seeds", default=None,
-                   help="comma-separated seeds: refit the chosen students (--systems) per seed, report mean and spread")
-    p.add_argument("--study", action="store_true",
-                   help="after the demo, the positions x K x problems study (qthink.demo.study; hours at the default "
-                   "budget)")
 
 
 def demo_settings(quick: bool, chain_steps: str | None) -> DemoSettings:
@@ -152,27 +125,62 @@ def demo_settings(quick: bool, chain_steps: str | None) -> DemoSettings:
     return replace(s, chain_steps=steps_label(chain_steps), max_new_tokens=10 * high + 10)
 
 
-def cli_main(args) -> None:
-    seeds = comma_ints(args.ablation_seeds, "--ablation-seeds") if args.ablation_seeds else None
-    require(args.workers is None or args.workers >= 1, f"--workers must be >= 1 (got {args.workers})")
-    require(not (args.study and args.quick), "--study runs at the demo's default sizes; drop --quick")
-    settings = demo_settings(args.quick, args.chain_steps)
-    if args.fit_steps is not None:
-        require(args.fit_steps >= 1, f"--fit-steps must be >= 1 (got {args.fit_steps})")
-        settings = replace(settings, fit_steps=args.fit_steps)
-    if args.patience is not None:
-        require(args.patience >= 0, f"--patience must be >= 0 (got {args.patience})")
-        settings = replace(settings, patience=args.patience)
-    systems = comma_list(args.systems) if args.systems else None
-    select_systems(systems)  # an unknown name is one line before anything runs
-    run_demo(args.workdir, args.quick, args.seed, args.force, seeds, args.workers, settings, systems)
-    if args.study:
+def demo_command(workdir: str = "runs/demo", quick: bool = False, seed: Seed = 0, force: bool = False,
+                 chain_steps: str | int | None = None, fit_steps: int | None = None, patience: int | None = None,
+                 systems: str | None = None, workers: int | None = None, ablation_seeds: str | int | None = None,
+                 study: bool = False) -> dict:
+    """`run_demo` from the command's settings (checked before anything runs), then `--study` if asked.
+
+    Args:
+        workdir: where every stage writes (resumable)
+        quick: toy sizes: the same pipeline end to end in about 3-5 minutes
+        seed: seed of every stage
+        force: redo every stage
+        chain_steps: operations per synthetic chain: a number or a range LOW-HIGH, each problem's length drawn from
+            it (default 2-4; 6 makes the seed's K=6 one latent per step)
+        fit_steps: optimizer steps per fit (default 1500; longer chains need longer fits to converge)
+        patience: stop each fit early when validation reaches 100% or has not improved for this many checks
+            (default 0: every fit runs --fit-steps; with 2, SFT stopped at step 1,000 of 1,500, F22)
+        systems: comma-separated students to fit and evaluate, or all (default: {defaults}; also: {others}); the
+            base rows always run
+        workers: processes for independent stages (default: 2, or 1 on a one-core machine)
+        ablation_seeds: comma-separated seeds: refit the chosen students (--systems) per seed, report mean and spread
+        study: after the demo, the positions x K x problems study (qthink.demo.study; hours at the default budget)
+    """
+    # a YAML file may give `chain_steps: 6` or `ablation_seeds: 3` as a number
+    chain_steps, ablation_seeds = (None if v is None else str(v) for v in (chain_steps, ablation_seeds))
+    seeds = comma_ints(ablation_seeds, "--ablation-seeds") if ablation_seeds else None
+    require(workers is None or workers >= 1, f"--workers must be >= 1 (got {workers})")
+    require(not (study and quick), "--study runs at the demo's default sizes; drop --quick")
+    settings = demo_settings(quick, chain_steps)
+    if fit_steps is not None:
+        require(fit_steps >= 1, f"--fit-steps must be >= 1 (got {fit_steps})")
+        settings = replace(settings, fit_steps=fit_steps)
+    if patience is not None:
+        require(patience >= 0, f"--patience must be >= 0 (got {patience})")
+        settings = replace(settings, patience=patience)
+    chosen = comma_list(systems) if systems else None
+    select_systems(chosen)  # an unknown name is one line before anything runs
+    result = run_demo(workdir, quick, seed, force, seeds, workers, settings, chosen)
+    if study:
         from qthink.demo.study import run_study
 
-        with claim(args.workdir, "demo", "--workdir"):
-            run_study(args.workdir, seed=args.seed, workers=args.workers, settings=settings)
+        with claim(workdir, "demo", "--workdir"):
+            run_study(workdir, seed=seed, workers=workers, settings=settings)
+    return result
 
 
+# the --systems help names the students (a docstring cannot be an f-string)
+demo_command.__doc__ = demo_command.__doc__.format(
+    defaults=", ".join(x.name for x in SYSTEMS if x.variant and x.default),
+    others=", ".join(x.name for x in SYSTEMS if x.variant and not x.default))
+
+
+COMMAND = SignatureCommand(demo_command)
+
+
+def cli_main(settings: dict) -> None:
+    demo_command(**settings)
 
 
 __all__ = ["QUICK", "SYSTEMS", "DemoSettings", "System", "run_demo"]
