@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import math
 import re
@@ -18,21 +17,6 @@ from jsonargparse.typing import register_type
 
 from qthink.core.latent import DECODE_MODES
 from qthink.errors import UserError, require
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose mistakes (unknown flag, bad choice, missing argument) are a `UserError`: one line
-    and exit status 2 like every other bad input, instead of a usage block. `--help` is unchanged."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see `{self.prog} --help`)")
-
-
-def add_decode_mode_argument(p: argparse.ArgumentParser) -> None:
-    """`--decode-mode`, shared by generate, eval and rollouts (the modes are `qthink.core.latent.DECODE_MODES`)."""
-    p.add_argument("--decode-mode", default="dynamic", choices=DECODE_MODES,
-                   help="dynamic (default) | static (fixed-shape StaticCache) | compiled (static + torch.compile, "
-                        "CUDA graphs on CUDA; the first batch of each shape compiles, ~30 s or more)")
 
 
 def comma_list(text: str) -> list[str]:
@@ -165,14 +149,16 @@ class SignatureCommand:
     `skip`: parameters that are not settings (callbacks). `positional`: the required parameters are positional
     arguments instead of required flags. `aliases`: older spellings kept working, "-G": "--G"; a target ending in
     "." takes KEY=VALUE into that dict, "--task-option": "--task_options." (`--task-option steps=6`); one ending
-    in "+" appends each value up to the next flag to that list, "-q": "--question+" (`-q A B`). Any
-    `--snake_case` flag may also be written `--kebab-case`, and a bool flag alone means true.
+    in "+" appends each value up to the next flag to that list, "-q": "--question+" (`-q A B`). `rest`: a list
+    setting ("--targets+") that bare arguments append to (`qthink eval A B --task x`). Any `--snake_case` flag
+    may also be written `--kebab-case`, and a bool flag alone means true.
     """
 
     function: Callable
     skip: frozenset[str] = frozenset()
     positional: bool = False
     aliases: dict[str, str] = field(default_factory=dict)
+    rest: str | None = None
 
     def settings(self) -> dict[str, type]:
         """The flag-named parameters and their types (the required ones excluded when they are positional)."""
@@ -200,7 +186,7 @@ class SignatureCommand:
             if arg == "--":
                 return out + argv[i - 1 :]
             if not arg.startswith("-"):
-                out.append(arg)
+                out += [self.rest, arg] if self.rest else [arg]
                 continue
             name, eq, value = arg.partition("=")
             target = self.aliases.get(name, name)
@@ -224,6 +210,8 @@ class SignatureCommand:
             if types.get(target[2:]) is bool and not eq:  # `--flag` alone is true, as argparse's store_true had it
                 given = i < len(argv) and argv[i].lower() in ("true", "false")
                 eq, value, i = "=", argv[i] if given else "true", i + given
+            elif self.rest and not eq and target not in VALUELESS and i < len(argv):  # its value, not a bare argument
+                eq, value, i = "=", argv[i], i + 1
             out.append(f"{target}{eq}{value}")
         return out
 
@@ -241,6 +229,9 @@ class SignatureCommand:
         settings = config.as_dict()
         settings.pop("config", None)
         return settings
+
+
+VALUELESS = ("-h", "--help", "--print_config")  # flags that take no value (a bool setting alone means true)
 
 
 @dataclass(frozen=True)

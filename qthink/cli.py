@@ -3,8 +3,7 @@
 `fit`, `validate` and `test` are LightningCLI (`qthink.training.lightning_cli`); every other subcommand lives in the
 module that implements it, which exposes `cli_main(settings) -> int | None` and `COMMAND`: a
 `qthink.arguments.SignatureCommand` whose function's signature is the command's flags (`-c FILE`, `--print_config`;
-`bench` is a `CommandGroup` of them, one per bench), or, for `eval` until it is converted, `add_cli_arguments(parser)`
-(argparse). Only the chosen subcommand's module is imported, so `qthink --help` answers without torch.
+`bench` is a `CommandGroup` of them, one per bench). Only the chosen subcommand's module is imported, so `qthink --help` answers without torch.
 User mistakes raise `qthink.errors.UserError` and are printed here as one line, exit status 2; Ctrl-C exits 130 and
 SIGTERM, handled the same way (`qthink.signals`), 143.
 """
@@ -41,26 +40,15 @@ def top_level_help() -> str:
 
 
 def command_parser(name: str):
-    """The parser of one subcommand; only that subcommand's module is imported. A module with a `COMMAND`
-    (`qthink.arguments.SignatureCommand` or `CommandGroup`) has its flags built from its function's signature
-    (jsonargparse); `eval` still adds argparse flags in `add_cli_arguments`."""
-    from qthink.arguments import OneLineParser
-
+    """The parser of one subcommand, its flags built from its function's signature (jsonargparse); only that
+    subcommand's module is imported."""
     module, help_text = COMMANDS[name]
-    command = getattr(importlib.import_module(module), "COMMAND", None)
-    if command is not None:
-        return command.parser(f"qthink {name}", help_text)
-    parser = OneLineParser(prog=f"qthink {name}", description=help_text)
-    importlib.import_module(module).add_cli_arguments(parser)
-    return parser
+    return importlib.import_module(module).COMMAND.parser(f"qthink {name}", help_text)
 
 
-def parse_command(name: str, argv: list[str]):
-    """The settings of `qthink NAME ARGV...`: a dict of keyword arguments for a signature command, else
-    argparse's namespace."""
-    parser = command_parser(name)
-    command = getattr(importlib.import_module(COMMANDS[name][0]), "COMMAND", None)
-    return command.parse(parser, argv) if command is not None else parser.parse_args(argv)
+def parse_command(name: str, argv: list[str]) -> dict:
+    """The settings of `qthink NAME ARGV...`: keyword arguments of the command's function."""
+    return importlib.import_module(COMMANDS[name][0]).COMMAND.parse(command_parser(name), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

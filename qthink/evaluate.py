@@ -14,19 +14,19 @@ directory with a projection head is `qthink` and anything else `think`. Every ba
 (GPUs, or CPU processes) under Lightning DDP (`qthink.training.ddp_eval`); the files are the same, rank 0 writes them.
 """
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from qthink.arguments import add_decode_mode_argument, require_positive
+from qthink.arguments import SignatureCommand, require_positive
 from qthink.core.device import parse_dtype, pick_device
-from qthink.core.model import HEAD_PT, HEAD_ST, QThink
+from qthink.core.model import HEAD_PT, HEAD_ST, QThink, check_decode_mode
 from qthink.errors import require
 from qthink.files import atomic_write_text
 from qthink.ownership import Output, claim, plain_name
@@ -38,7 +38,6 @@ from qthink.tasks import (
     get_task,
     load_problems,
     make_task,
-    parse_task_options,
     print_note,
 )
 
@@ -232,59 +231,102 @@ def format_table(summaries: list[dict]) -> str:
 # ---- CLI ----
 
 
-def add_cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("targets", nargs="+", metavar="TARGET",
-                   help="checkpoint or base model (directory or hub repo id), optionally TARGET:qthink|think|nothink")
-    p.add_argument("--task", required=True, help="gsm8k | math500 | tooluse | synthetic")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="task constructor option, repeatable (synthetic: steps=6, test_size=1000)")
-    p.add_argument("--split", default="test", help="dataset split (default: test)")
-    p.add_argument("--data-path", default=None, help="data root, task folder or split file (default: the hub)")
-    p.add_argument("--mode", nargs="+", default=[], choices=MODES, help="one mode for all targets or one per target")
-    p.add_argument("--name", nargs="+", default=[], help="one label per target (default: from the path and mode)")
-    p.add_argument("--latent-steps", type=int, default=None, help="K in qthink mode (default: the checkpoint's)")
-    p.add_argument("--max-new-tokens", type=int, default=SEED.max_answer_tokens, help="generated-token budget per problem")
-    p.add_argument("--batch-size", type=int, default=16, help="problems decoded together")
-    add_decode_mode_argument(p)
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
-    p.add_argument("--grade-unclosed", action="store_true",
-                   help="grade an output whose think block never closed on its whole text (default: no answer, 0)")
-    p.add_argument("--out", default="runs/eval", help="output directory; each run writes OUT/<name>/")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--devices", type=int, default=1, help="processes, one per device (GPU or, on cpu, core), under "
-                   "Lightning DDP; each scores a share of the problems, the first writes --out (default: 1, in process)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for a small model on CPU)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repo")
+@dataclass(frozen=True)
+class EvalSettings:
+    """`qthink eval`'s settings (the parameters of `eval_command`)."""
+
+    targets: list[str]
+    task: str
+    task_options: dict
+    split: str
+    data_path: str | None
+    mode: list[str]
+    name: list[str]
+    latent_steps: int | None
+    max_new_tokens: int
+    batch_size: int
+    decode_mode: str
+    limit: int | None
+    grade_unclosed: bool
+    out: str
+    dtype: str
+    device: str | None
+    devices: int
+    threads: int | None
+    no_progress: bool
+    trust_remote_code: bool
 
 
-def cli_main(args) -> None:
+def eval_command(targets: list[str] | None = None, task: str | None = None, task_options: dict[str, Any] | None = None, split: str = "test",
+                 data_path: str | None = None, mode: list[str] | None = None, name: list[str] | None = None,
+                 latent_steps: int | None = None, max_new_tokens: int = SEED.max_answer_tokens, batch_size: int = 16,
+                 decode_mode: str = "dynamic", limit: int | None = None, grade_unclosed: bool = False,
+                 out: str = "runs/eval", dtype: str = "auto", device: str | None = None, devices: int = 1,
+                 threads: int | None = None, no_progress: bool = False, trust_remote_code: bool = False) -> None:
+    """Evaluate checkpoints and base models on a benchmark: OUT/<name>/predictions.jsonl and summary.json per
+    target, and a comparison table.
 
-    targets = resolve_targets(args.targets, args.mode, args.name)
-    require_positive({"--batch-size": args.batch_size, "--max-new-tokens": args.max_new_tokens, "--threads": args.threads,
-                      "--devices": args.devices})
-    if args.devices > 1:
-        from qthink.core.device import pick_device
+    Args:
+        targets: checkpoint or base model (directory or hub repo id), optionally TARGET:qthink|think|nothink;
+            several may follow the command (`qthink eval A B:nothink`)
+        task: gsm8k | math500 | tooluse | synthetic
+        task_options: task constructor options (synthetic: steps=6, test_size=1000); `--task-option KEY=VALUE`
+        split: dataset split
+        data_path: data root, task folder or split file (default: the hub)
+        mode: qthink | think | nothink: one mode for all targets or one per target
+        name: one label per target (default: from the path and mode)
+        latent_steps: K in qthink mode (default: the checkpoint's)
+        max_new_tokens: generated-token budget per problem
+        batch_size: problems decoded together
+        decode_mode: dynamic | static (fixed-shape StaticCache) | compiled (static + torch.compile)
+        limit: evaluate the first N problems only
+        grade_unclosed: grade an output whose think block never closed on its whole text (default: no answer, 0)
+        out: output directory; each run writes OUT/<name>/
+        dtype: float32 | bfloat16 | float16 | auto (the checkpoint's)
+        device: cpu | cuda (default: cuda if available)
+        devices: processes, one per device (GPU or, on cpu, core), under Lightning DDP; each scores a share of
+            the problems, the first writes --out (default: 1, in process)
+        threads: torch CPU threads (default: 1 for a small model on CPU)
+        no_progress: no progress bar
+        trust_remote_code: allow custom model code from the repo
+    """
+    require(task is not None, "--task is required: gsm8k | math500 | tooluse | synthetic")
+    args = EvalSettings(targets or [], task, task_options or {}, split, data_path, mode or [], name or [], latent_steps,
+                        max_new_tokens, batch_size, decode_mode, limit, grade_unclosed, out, dtype, device, devices,
+                        threads, no_progress, trust_remote_code)
+    check_decode_mode(decode_mode)
+    resolved = resolve_targets(args.targets, args.mode, args.name)
+    require_positive({"--batch-size": batch_size, "--max-new-tokens": max_new_tokens, "--threads": threads,
+                      "--devices": devices})
+    if devices > 1:
         from qthink.training.ddp_eval import check_command_line, check_devices, launched_rank
 
-        check_devices(args.devices, pick_device(args.device))
+        check_devices(devices, pick_device(device))
         check_command_line("eval")
         if launched_rank() != 0:  # a rank Lightning's launcher started by re-running this command: rank 0 writes
-            run_targets(args, targets, None)
+            run_targets(args, resolved, None)
             return
-    with claim(args.out, "eval", "--out") as owned:  # before any generation: a bad --out must not throw a run away
-        owned.take(*[t.name for t in targets], what="--name")
-        if len(targets) > 1:
+    with claim(out, "eval", "--out") as owned:  # before any generation: a bad --out must not throw a run away
+        owned.take(*[t.name for t in resolved], what="--name")
+        if len(resolved) > 1:
             owned.take("comparison.md")
-        run_targets(args, targets, owned)
+        run_targets(args, resolved, owned)
+
+
+# bare arguments are targets; `--mode A B`, `--name A B` and `--task-option K=V` as argparse had them
+COMMAND = SignatureCommand(eval_command, aliases={"--mode": "--mode+", "--name": "--name+",
+                                                  "--task-option": "--task_options."}, rest="--targets+")
+
+
+def cli_main(settings: dict) -> None:
+    eval_command(**settings)
 
 
 def run_targets(args, targets: list[Target], owned: Output | None) -> None:
     """Evaluate each target; `owned` None: one of the other ranks of `--devices N`, which writes and prints nothing."""
     from qthink.core.device import pick_device
 
-    task = make_task(args.task, parse_task_options(args.task_option))
+    task = make_task(args.task, args.task_options)
     note = print_note if owned is not None else lambda *_: None  # said once, by rank 0
     records = load_problems(task, args.split, args.data_path, args.limit, note)  # bad data fails before any model loads
     device = pick_device(args.device)

@@ -19,6 +19,10 @@ CASES = {
                                         "max_new_tokens": SEED.max_answer_tokens, "batch_size": 16,
                                         "decode_mode": "dynamic", "dtype": "auto"},
                  {"question": ["a=1 b=a+2 b?", "c?"], "decode_mode": "static"}),
+    "eval": (["eval", "CKPT", "--task", "synthetic"], {"targets": ["CKPT"], "task": "synthetic", "split": "test",
+                                                       "max_new_tokens": SEED.max_answer_tokens, "batch_size": 16,
+                                                       "devices": 1, "out": "runs/eval"},
+             {"mode": ["nothink"], "limit": 5, "task_options": {"steps": 3}}),
     "demo": (["demo"], {"workdir": "runs/demo", "quick": False, "seed": 0, "chain_steps": None, "fit_steps": None,
                         "systems": None, "ablation_seeds": None, "study": False},
              {"chain_steps": 6, "fit_steps": 20, "systems": "sft,qthink"}),
@@ -97,3 +101,14 @@ def test_bench_old_spellings():
         parse_command("bench", ["train", "--problems", "3"])
     with pytest.raises(UserError, match="choose one of inference, train, teachers, all, gpu"):
         parse_command("bench", [])
+
+
+def test_eval_old_spellings():
+    """Bare targets, `--mode A B`, `--name A B`, `--task-option K=V` and dashed flags as argparse had them; a
+    flag's value is never taken for a target."""
+    settings = parse_command("eval", ["a", "b:nothink", "--task", "synthetic", "--mode", "qthink", "nothink",
+                                      "--name", "x", "y", "--task-option", "steps=3", "--max-new-tokens", "8",
+                                      "--no-progress", "c"])
+    assert settings["targets"] == ["a", "b:nothink", "c"]
+    assert (settings["mode"], settings["name"]) == (["qthink", "nothink"], ["x", "y"])
+    assert (settings["task_options"], settings["max_new_tokens"], settings["no_progress"]) == ({"steps": 3}, 8, True)
