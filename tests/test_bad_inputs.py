@@ -160,7 +160,7 @@ CASES = [
      "--devices 100000: this machine has"),
     ("eval {CKPT} --task synthetic --limit 2 --device cpu --devices 2 --out {W}/e",  # in process: not the command line
      "--devices N runs as the command `qthink eval ...`"),
-    ("eval {CKPT} --limit 2", "the following arguments are required: --task"),
+    ("eval {CKPT} --limit 2", "--task is required"),
     ("init {W}/missing-base {W}/out", "{W}/missing-base: no such directory"),
     (ROLLOUTS.replace("{CKPT}", "{W}/missing-base") + "--out {W}/r", "{W}/missing-base: no such directory"),
 ]
