@@ -14,7 +14,6 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import time
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -58,11 +57,12 @@ def run_jobs(jobs: Iterable[Job], workers: int, on_done: Callable[[str, Any, flo
     as each one finishes (in completion order). With one worker the jobs run here, one after another. The
     first job that raises (or Ctrl-C/SIGTERM here) starts no further job; the running ones end, and it
     re-raises here."""
+    from qthink.measure import timed_call
+
     jobs = list(jobs)
     if workers <= 1 or len(jobs) <= 1:
         for name, fn, args in jobs:
-            began = time.perf_counter()
-            on_done(name, fn(*args), time.perf_counter() - began)
+            on_done(name, *timed_call(fn, *args))
         return
     # Jobs are handed out one per free worker, never queued ahead: the pool would start a queued job after a
     # failure, Ctrl-C or SIGTERM here, which no cancel can stop (it is already "running" in the call queue).
@@ -75,7 +75,7 @@ def run_jobs(jobs: Iterable[Job], workers: int, on_done: Callable[[str, Any, flo
             job = next(todo, None)
             if job is not None:
                 name, fn, args = job
-                running[pool.submit(_timed, fn, args)] = name
+                running[pool.submit(timed_call, fn, *args)] = name
 
         for _ in range(min(workers, len(jobs))):
             start_next()
@@ -85,11 +85,6 @@ def run_jobs(jobs: Iterable[Job], workers: int, on_done: Callable[[str, Any, flo
                 result, seconds = future.result()  # a failed job raises here: nothing more starts
                 on_done(running.pop(future), result, seconds)
                 start_next()
-
-
-def _timed(fn: Callable[..., Any], args: tuple) -> tuple[Any, float]:
-    began = time.perf_counter()
-    return fn(*args), time.perf_counter() - began
 
 
 def run_ranks(fn: Callable[..., Any], kwargs: dict, world: int) -> list[Any]:

@@ -11,7 +11,6 @@ torch.compile with CUDA graphs), each row saying how many of its tokens equal th
 """
 
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from qthink.core.device import default_device
 from qthink.core.latent import ProjectionHead
 from qthink.errors import require
 from qthink.files import read_json
-from qthink.measure import sync, timed, train_flops, write_json
+from qthink.measure import sync, timed, timed_call, train_flops, write_json
 from qthink.recipe import SEED
 from qthink.shipped import config_file
 from qthink.tables import records_table
@@ -79,9 +78,7 @@ def latent_inference(model, device: torch.device, batch: int, prompt: int, new_t
             think(model, head, ids, mask, latent_steps, new_tokens, decode_mode)
         sync(device)
 
-    start = time.perf_counter()
-    run()  # warm-up (and compilation)
-    warmup = time.perf_counter() - start
+    _, warmup = timed_call(run)  # warm-up (and compilation)
     think_s, _ = timed(prefill, 2)
     seconds, tokens = timed(run, 2)
     row = {"system": "latent-inference", "decode_mode": decode_mode, "batch_size": batch, "prompt_tokens": prompt,

@@ -4,7 +4,6 @@ processes), and `Stages`, the resumable record of which finished (`<workdir>/sta
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,9 +114,10 @@ class Stages:
         if name in self.done:
             print(f"[demo] {name}: done already (skipped; --force redoes)")
             return self.done[name]
+        from qthink.measure import timed_call
+
         print(f"[demo] {name} ...", flush=True)
-        began = time.perf_counter()
-        self.record(name, fn(*args, **kwargs), time.perf_counter() - began)
+        self.record(name, *timed_call(fn, *args, **kwargs))
         return self.done[name]
 
     def run_parallel(self, jobs: list[tuple[str, Any, tuple]], workers: int) -> None:
@@ -238,10 +238,9 @@ def evaluate_system(workdir: Path, s: DemoSettings, name: str, label: str, targe
 def cost_split(workdir: Path, s: DemoSettings, rows: list[dict], repeats: int = 3) -> dict:
     """Where the time goes, for the best latent student and the thinking base: each generation timed whole
     and cut at its first token (prompt prefill + latent passes), on the same held-out problems."""
-    import statistics
-
     from qthink.demo.report import decoder_passes
     from qthink.evaluate import load_target
+    from qthink.measure import timed
     from qthink.tasks import load_problems, make_task
 
     task = make_task("synthetic", {"steps": s.chain_steps})
@@ -254,15 +253,11 @@ def cost_split(workdir: Path, s: DemoSettings, rows: list[dict], repeats: int = 
         think = row["mode"] == "think"
         k = None if row["mode"] == "qthink" else 0  # the checkpoint's own K (adaptive: each problem's choice)
 
-        def timed(max_new_tokens: int, qt=qt, think=think, k=k) -> float:
-            times = []
-            for _ in range(repeats):
-                began = time.perf_counter()
-                qt.generate(questions, k, max_new_tokens, 64, enable_thinking=think)
-                times.append(time.perf_counter() - began)
-            return 1000 * statistics.median(times) / len(questions)
+        def ms_per_problem(max_new_tokens: int, qt=qt, think=think, k=k) -> float:
+            seconds, _ = timed(lambda: qt.generate(questions, k, max_new_tokens, 64, enable_thinking=think), repeats)
+            return 1000 * seconds / len(questions)
 
-        total, first = timed(s.max_new_tokens), timed(1)
+        total, first = ms_per_problem(s.max_new_tokens), ms_per_problem(1)
         out[key] = {"label": row["label"], "exact_match": row["metrics"]["exact_match"], "K": row["K"],
                     "passes": decoder_passes(row), "ms_total": total, "ms_prefill": first,
                     "ms_decode": max(total - first, 0.0)}
