@@ -5,6 +5,7 @@
 - `run_ranks`: one function on W processes that find each other as torchrun's would (RANK, WORLD_SIZE,
   MASTER_ADDR/PORT; gloo on CPU): the teacher-pipeline stages split their work by rank and write the same
   bytes as one process (`qthink.teachers.distributed`).
+- `choose_threads`, `torch_threads`: how many torch threads a process uses (one for the tiny model on CPU).
 Spawned, not forked: a forked child inherits the parent's OpenMP and tokenizer threads in an unknown state.
 """
 
@@ -15,11 +16,16 @@ import multiprocessing as mp
 import os
 import queue
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import Any
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from qthink.signals import sigterm_as_interrupt
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
 
 Job = tuple[str, Callable[..., Any], tuple]  # (name, module-level function, its arguments)
 
@@ -45,6 +51,32 @@ def quiet_worker() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     quiet_libraries()
+
+
+def choose_threads(device: torch.device, config: PretrainedConfig, threads: int | None = None) -> int:
+    """Set torch's CPU threads: `threads` if given, else 1 for a small model (`config.hidden_size` <= 512) on a
+    CPU `device`, whose matmuls are too small for intra-op parallelism to pay (docs/findings.md, F6). Returns
+    the number in use."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    elif device.type == "cpu" and config.hidden_size <= 512:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch on `threads` CPU threads inside the block, and on as many as before after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def default_workers() -> int:

@@ -21,6 +21,7 @@ from qthink.core.latent import ProjectionHead
 from qthink.errors import require
 from qthink.files import read_json
 from qthink.measure import sync, timed, timed_call, train_flops, write_json
+from qthink.parallel import choose_threads
 from qthink.recipe import SEED
 from qthink.shipped import config_file
 from qthink.tables import records_table
@@ -214,8 +215,7 @@ def bench_gpu(model_config: str = str(QWEN3_1P7B), batch_size: int = 8, prompt_t
         config = AutoConfig.for_model(**read_json(Path(model_config), "pass --config model.json"))
     device = default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # the tiny shape: see qthink.evaluate.choose_threads
+    choose_threads(device, config)  # --small on CPU: the tiny shape, on one thread
     peak = peak_tflops or peak_of(device)
     with tempfile.TemporaryDirectory(prefix="qthink-bench-gpu-") as tmp:
         base = write_random_base(config, Path(tmp), dtype, device)

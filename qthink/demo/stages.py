@@ -137,19 +137,14 @@ class Stages:
 def build_base(workdir: Path, s: DemoSettings, seed: int, threads: int = 1) -> dict:
     """The thinking base. It trains alone (nothing else can run before it), so on `threads` torch threads:
     two made its steps 1.6x faster on the 2-core machine (docs/findings.md, F15)."""
-    import torch
-
     from qthink.core.tiny import build_tiny_base
     from qthink.demo.thinking_base import train_thinking_base
+    from qthink.parallel import torch_threads
 
     build_tiny_base(workdir / "tiny-base", seed=seed, force=True)  # this stage's own folder: a rerun redoes it
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         curve = train_thinking_base(workdir / "tiny-base", workdir / "base", steps=s.base_steps,
                                     problems=s.base_problems, seed=seed, chain_steps=s.chain_steps)
-    finally:
-        torch.set_num_threads(before)
     return {k: v for k, v in curve.items() if k != "losses"}
 
 
