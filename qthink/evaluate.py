@@ -30,6 +30,7 @@ from qthink.core.model import HEAD_PT, HEAD_ST, QThink, check_decode_mode
 from qthink.errors import require
 from qthink.files import atomic_write_text
 from qthink.ownership import Output, claim, plain_name
+from qthink.parallel import choose_threads
 from qthink.recipe import SEED
 from qthink.scoring import Decoding, score_all
 from qthink.tables import markdown_table
@@ -97,17 +98,6 @@ def load_target(path: str, mode: str, dtype: torch.dtype | None = None, device: 
     if mode == "qthink":
         return QThink.from_pretrained(path, dtype, device, trust_remote_code)
     return QThink.for_base(path, dtype, device, trust_remote_code)
-
-
-def choose_threads(qt: QThink, threads: int | None = None) -> int:
-    """Set torch's CPU threads: `threads` if given, else 1 for a small model (hidden size <= 512) on CPU,
-    whose matmuls are too small for intra-op parallelism to pay (docs/findings.md, F6). Returns the number
-    in use."""
-    if threads:
-        torch.set_num_threads(threads)
-    elif qt.device.type == "cpu" and qt.model.config.hidden_size <= 512:
-        torch.set_num_threads(1)
-    return torch.get_num_threads()
 
 
 def by_length(preds: list[dict], task: Task) -> dict:
@@ -334,7 +324,7 @@ def run_targets(args, targets: list[Target], owned: Output | None) -> None:
     summaries = []
     for t in targets:  # on N devices each rank loads on the CPU and Lightning moves the model to its device
         qt = load_target(t.path, t.mode, dtype, device if args.devices == 1 else "cpu", args.trust_remote_code)
-        choose_threads(qt, args.threads)
+        choose_threads(qt.device, qt.model.config, args.threads)
         summary = evaluate(t.path, task, args.split, mode=t.mode, name=t.name, latent_steps=args.latent_steps,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                            out=args.out if owned is not None else None, device=device, records=records,

@@ -13,7 +13,7 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from qthink.errors import UserError, require
 
@@ -85,6 +85,21 @@ def read_json(path: Path, fix: str) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON (line {e.lineno}); {fix}") from e
+
+
+def json_line(where: str, line: str, fix: str) -> Any:
+    """The JSON value on one line of a JSON lines file; not JSON: one line naming `where` (file and line) and
+    what to do (`fix`)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); {fix}") from e
+
+
+def jsonl_values(path: Path | str, text: str, fix: str) -> list[tuple[str, Any]]:
+    """(`"PATH line N"`, value) for each non-blank line of `text`, the JSON lines file `path` (`json_line`)."""
+    return [(f"{path} line {n}", json_line(f"{path} line {n}", line, fix))
+            for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
 def require_same_settings(path: Path, have: dict, want: dict, what: str, unrecorded: dict | None = None) -> None:

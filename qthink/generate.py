@@ -9,27 +9,22 @@ import json
 from qthink.arguments import SignatureCommand, require_positive
 from qthink.core.model import check_decode_mode
 from qthink.errors import UserError, require
+from qthink.files import jsonl_values
 from qthink.recipe import SEED
 
 
 def read_questions(path: str) -> list[str]:
     """The `question` field of each line of a JSON lines file; a bad line is one line naming it."""
-    questions = []
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        text = open(path, encoding="utf-8").read()
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from e
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON lines") from e
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); one object per line") from e
-        if not isinstance(record, dict) or not isinstance(record.get("question"), str):
-            raise UserError(f"{path}:{n}: needs a string field `question`")
+    questions = []
+    for where, record in jsonl_values(path, text, "one object per line"):
+        require(isinstance(record, dict) and isinstance(record.get("question"), str),
+                f"{where}: needs a string field `question`")
         questions.append(record["question"])
     return questions
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -18,13 +19,18 @@ import torch
 from qthink.files import atomic_write_text
 
 
+def timed_call(fn: Callable[..., Any], /, *args, **kwargs) -> tuple[Any, float]:
+    """`fn(*args, **kwargs)`'s result and the wall seconds it took (module-level, so a process pool can run it)."""
+    began = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - began
+
+
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     """Median wall seconds of `repeats` calls of `fn` and the last call's result."""
     times, result = [], None
     for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
+        result, seconds = timed_call(fn)
+        times.append(seconds)
     return statistics.median(times), result
 
 

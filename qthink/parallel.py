@@ -5,6 +5,7 @@
 - `run_ranks`: one function on W processes that find each other as torchrun's would (RANK, WORLD_SIZE,
   MASTER_ADDR/PORT; gloo on CPU): the teacher-pipeline stages split their work by rank and write the same
   bytes as one process (`qthink.teachers.distributed`).
+- `choose_threads`, `torch_threads`: how many torch threads a process uses (one for the tiny model on CPU).
 Spawned, not forked: a forked child inherits the parent's OpenMP and tokenizer threads in an unknown state.
 """
 
@@ -14,13 +15,17 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import Any
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from qthink.signals import sigterm_as_interrupt
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
 
 Job = tuple[str, Callable[..., Any], tuple]  # (name, module-level function, its arguments)
 
@@ -48,6 +53,32 @@ def quiet_worker() -> None:
     quiet_libraries()
 
 
+def choose_threads(device: torch.device, config: PretrainedConfig, threads: int | None = None) -> int:
+    """Set torch's CPU threads: `threads` if given, else 1 for a small model (`config.hidden_size` <= 512) on a
+    CPU `device`, whose matmuls are too small for intra-op parallelism to pay (docs/findings.md, F6). Returns
+    the number in use."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    elif device.type == "cpu" and config.hidden_size <= 512:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch on `threads` CPU threads inside the block, and on as many as before after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def default_workers() -> int:
     """Two processes, or one on a one-core machine: the demo's default for independent stages."""
     return min(2, os.cpu_count() or 1)
@@ -58,11 +89,12 @@ def run_jobs(jobs: Iterable[Job], workers: int, on_done: Callable[[str, Any, flo
     as each one finishes (in completion order). With one worker the jobs run here, one after another. The
     first job that raises (or Ctrl-C/SIGTERM here) starts no further job; the running ones end, and it
     re-raises here."""
+    from qthink.measure import timed_call
+
     jobs = list(jobs)
     if workers <= 1 or len(jobs) <= 1:
         for name, fn, args in jobs:
-            began = time.perf_counter()
-            on_done(name, fn(*args), time.perf_counter() - began)
+            on_done(name, *timed_call(fn, *args))
         return
     # Jobs are handed out one per free worker, never queued ahead: the pool would start a queued job after a
     # failure, Ctrl-C or SIGTERM here, which no cancel can stop (it is already "running" in the call queue).
@@ -75,7 +107,7 @@ def run_jobs(jobs: Iterable[Job], workers: int, on_done: Callable[[str, Any, flo
             job = next(todo, None)
             if job is not None:
                 name, fn, args = job
-                running[pool.submit(_timed, fn, args)] = name
+                running[pool.submit(timed_call, fn, *args)] = name
 
         for _ in range(min(workers, len(jobs))):
             start_next()
@@ -85,11 +117,6 @@ def run_jobs(jobs: Iterable[Job], workers: int, on_done: Callable[[str, Any, flo
                 result, seconds = future.result()  # a failed job raises here: nothing more starts
                 on_done(running.pop(future), result, seconds)
                 start_next()
-
-
-def _timed(fn: Callable[..., Any], args: tuple) -> tuple[Any, float]:
-    began = time.perf_counter()
-    return fn(*args), time.perf_counter() - began
 
 
 def run_ranks(fn: Callable[..., Any], kwargs: dict, world: int) -> list[Any]:

@@ -11,7 +11,6 @@ torch.compile with CUDA graphs), each row saying how many of its tokens equal th
 """
 
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,8 @@ from qthink.core.device import default_device
 from qthink.core.latent import ProjectionHead
 from qthink.errors import require
 from qthink.files import read_json
-from qthink.measure import sync, timed, train_flops, write_json
+from qthink.measure import sync, timed, timed_call, train_flops, write_json
+from qthink.parallel import choose_threads
 from qthink.recipe import SEED
 from qthink.shipped import config_file
 from qthink.tables import records_table
@@ -79,9 +79,7 @@ def latent_inference(model, device: torch.device, batch: int, prompt: int, new_t
             think(model, head, ids, mask, latent_steps, new_tokens, decode_mode)
         sync(device)
 
-    start = time.perf_counter()
-    run()  # warm-up (and compilation)
-    warmup = time.perf_counter() - start
+    _, warmup = timed_call(run)  # warm-up (and compilation)
     think_s, _ = timed(prefill, 2)
     seconds, tokens = timed(run, 2)
     row = {"system": "latent-inference", "decode_mode": decode_mode, "batch_size": batch, "prompt_tokens": prompt,
@@ -217,8 +215,7 @@ def bench_gpu(model_config: str = str(QWEN3_1P7B), batch_size: int = 8, prompt_t
         config = AutoConfig.for_model(**read_json(Path(model_config), "pass --config model.json"))
     device = default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # the tiny shape: see qthink.evaluate.choose_threads
+    choose_threads(device, config)  # --small on CPU: the tiny shape, on one thread
     peak = peak_tflops or peak_of(device)
     with tempfile.TemporaryDirectory(prefix="qthink-bench-gpu-") as tmp:
         base = write_random_base(config, Path(tmp), dtype, device)

@@ -311,12 +311,12 @@ def run_bench(what: str = "inference", model: str = "tiny", json: str | None = N
         decode_modes: qthink decode modes to time, comma-separated: dynamic,static,compiled
     """
     from qthink.core.device import pick_device
-    from qthink.evaluate import choose_threads
+    from qthink.parallel import choose_threads
 
     pick = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="qthink-bench-") as tmp:
         qt = load_bench_model(model, Path(tmp), parse_dtype(dtype), pick)
-        choose_threads(qt, threads)
+        choose_threads(qt.device, qt.model.config, threads)
         base_dir = Path(tmp) / "base" if model == "tiny" else Path(model)
         rows = (inference_main(qt, batch_sizes, problems, max_new_tokens, latent_steps, repeats, systems, decode_modes)
                 if what in ("inference", "all") else [])

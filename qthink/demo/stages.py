@@ -4,7 +4,6 @@ processes), and `Stages`, the resumable record of which finished (`<workdir>/sta
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,9 +114,10 @@ class Stages:
         if name in self.done:
             print(f"[demo] {name}: done already (skipped; --force redoes)")
             return self.done[name]
+        from qthink.measure import timed_call
+
         print(f"[demo] {name} ...", flush=True)
-        began = time.perf_counter()
-        self.record(name, fn(*args, **kwargs), time.perf_counter() - began)
+        self.record(name, *timed_call(fn, *args, **kwargs))
         return self.done[name]
 
     def run_parallel(self, jobs: list[tuple[str, Any, tuple]], workers: int) -> None:
@@ -137,19 +137,14 @@ class Stages:
 def build_base(workdir: Path, s: DemoSettings, seed: int, threads: int = 1) -> dict:
     """The thinking base. It trains alone (nothing else can run before it), so on `threads` torch threads:
     two made its steps 1.6x faster on the 2-core machine (docs/findings.md, F15)."""
-    import torch
-
     from qthink.core.tiny import build_tiny_base
     from qthink.demo.thinking_base import train_thinking_base
+    from qthink.parallel import torch_threads
 
     build_tiny_base(workdir / "tiny-base", seed=seed, force=True)  # this stage's own folder: a rerun redoes it
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         curve = train_thinking_base(workdir / "tiny-base", workdir / "base", steps=s.base_steps,
                                     problems=s.base_problems, seed=seed, chain_steps=s.chain_steps)
-    finally:
-        torch.set_num_threads(before)
     return {k: v for k, v in curve.items() if k != "losses"}
 
 
@@ -238,10 +233,9 @@ def evaluate_system(workdir: Path, s: DemoSettings, name: str, label: str, targe
 def cost_split(workdir: Path, s: DemoSettings, rows: list[dict], repeats: int = 3) -> dict:
     """Where the time goes, for the best latent student and the thinking base: each generation timed whole
     and cut at its first token (prompt prefill + latent passes), on the same held-out problems."""
-    import statistics
-
     from qthink.demo.report import decoder_passes
     from qthink.evaluate import load_target
+    from qthink.measure import timed
     from qthink.tasks import load_problems, make_task
 
     task = make_task("synthetic", {"steps": s.chain_steps})
@@ -254,15 +248,11 @@ def cost_split(workdir: Path, s: DemoSettings, rows: list[dict], repeats: int = 
         think = row["mode"] == "think"
         k = None if row["mode"] == "qthink" else 0  # the checkpoint's own K (adaptive: each problem's choice)
 
-        def timed(max_new_tokens: int, qt=qt, think=think, k=k) -> float:
-            times = []
-            for _ in range(repeats):
-                began = time.perf_counter()
-                qt.generate(questions, k, max_new_tokens, 64, enable_thinking=think)
-                times.append(time.perf_counter() - began)
-            return 1000 * statistics.median(times) / len(questions)
+        def ms_per_problem(max_new_tokens: int, qt=qt, think=think, k=k) -> float:
+            seconds, _ = timed(lambda: qt.generate(questions, k, max_new_tokens, 64, enable_thinking=think), repeats)
+            return 1000 * seconds / len(questions)
 
-        total, first = timed(s.max_new_tokens), timed(1)
+        total, first = ms_per_problem(s.max_new_tokens), ms_per_problem(1)
         out[key] = {"label": row["label"], "exact_match": row["metrics"]["exact_match"], "K": row["K"],
                     "passes": decoder_passes(row), "ms_total": total, "ms_prefill": first,
                     "ms_decode": max(total - first, 0.0)}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from qthink.errors import UserError, require
+from qthink.files import jsonl_values
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -108,18 +109,7 @@ def read_records(path: str | Path) -> list[Located]:
             ) from e
         located = [(f"{path} record {i}", item) for i, item in enumerate(items)]
     else:
-        located = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{path} line {lineno}: not valid JSON ({e.msg}, column {e.colno}); "
-                    "each line must be one JSON object, fix or remove that line"
-                ) from e
-            located.append((f"{path} line {lineno}", item))
+        located = jsonl_values(path, text, "each line must be one JSON object, fix or remove that line")
     for where, item in located:
         require(
             isinstance(item, dict),

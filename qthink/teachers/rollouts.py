@@ -37,6 +37,7 @@ from qthink.errors import UserError, require
 from qthink.files import (
     atomic_write,
     atomic_write_text,
+    json_line,
     local_ref,
     read_json,
     require_finished,
@@ -63,10 +64,7 @@ def part_name(rank: int) -> str:
 def parse_line(path: Path, lineno: int, line: str) -> dict:
     """One problem line, validated; a mistake is a UserError naming the file and line."""
     where = f"{path}:{lineno}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); fix or delete that line") from e
+    record = json_line(where, line, "fix or delete that line")
     require(isinstance(record, dict), f"{where}: expected a JSON object per line")
     index = record.get("problem_index")
     require(type(index) is int and index >= 0,  # `true` is an int to Python and would read as problem 1
