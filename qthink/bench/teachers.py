@@ -17,7 +17,7 @@ from qthink.errors import require
 from qthink.measure import peak_memory, sync, timed
 from qthink.recipe import SEED
 from qthink.teachers.extract import extract_states, rollout_positions, special_ids
-from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts, write_reference_rollouts
+from qthink.teachers.rollouts import ROLLOUTS, read_rollouts, rollout_at, write_reference_rollouts
 
 
 def measure(fn: Callable[[], object], device: torch.device) -> tuple[object, float, float]:
@@ -61,7 +61,7 @@ def bench_teachers(base_dir: str | Path, rollouts: str | Path | None = None, K: 
         if rollouts is None:
             rollouts = write_reference_rollouts(str(base_dir), Path(tmp) / "rollouts", n=problems, G=G)
         path = Path(rollouts) / ROLLOUTS
-        loaded = [parse_line(path, 0, read_line(path, off, n)) for _, off, n in read_rollouts(rollouts)[1]]
+        loaded = [rollout_at(path, off, n) for _, off, n in read_rollouts(rollouts)[1]]
     model, tokenizer = load_base(str(base_dir), parse_dtype(model_dtype))
     model = model.to(dev)
     specials = special_ids(tokenizer)

@@ -55,7 +55,7 @@ from qthink.teachers.positions import (
     step_candidates,
     think_span,
 )
-from qthink.teachers.rollouts import ROLLOUTS, parse_line, read_line, read_rollouts
+from qthink.teachers.rollouts import ROLLOUTS, read_rollouts, rollout_at
 from qthink.teachers.store import MANIFEST, shard_name, write_manifest, write_shard
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -365,7 +365,7 @@ def build_stores(base: str, rollouts: str | Path, specs: list[StoreSpec], dtype:
             for s in mine:
                 todo = [i for i, d in enumerate(done) if shard_name(s) not in d]
                 chunk = entries[s * shard_size : (s + 1) * shard_size]
-                problems = [parse_line(path, 0, read_line(path, off, n)) for _, off, n in chunk]
+                problems = [rollout_at(path, off, n) for _, off, n in chunk]
                 built = build_shards(decoder, tokenizer, problems, [specs[i] for i in todo], batch_size, dev,
                                      STORE_DTYPES[dtype], offsets, str(path))
                 for i, (tensors, counts) in zip(todo, built, strict=True):

@@ -122,10 +122,15 @@ def read_line(path: Path, offset: int, length: int) -> str:
         return f.read(length).decode("utf-8").rstrip("\n")
 
 
+def rollout_at(path: Path, offset: int, length: int) -> dict:
+    """The problem whose line `read_rollouts` found at `offset` (its scan entry's offset and length)."""
+    return parse_line(path, 0, read_line(path, offset, length))
+
+
 def read_rollouts(directory: str | Path) -> tuple[dict, list[tuple[int, int, int]]]:
     """(manifest or {}, scan entries ordered by problem index) of a finished rollouts directory; one that is
     still being written or was stopped part-way is refused (`require_finished`). Read a problem with
-    `parse_line(path, 0, read_line(path, offset, length))`."""
+    `rollout_at(path, offset, length)`."""
     directory = Path(directory)
     path = directory / ROLLOUTS
     require(path.is_file(), f"{directory} has no {ROLLOUTS}; create it with `qthink rollouts`")

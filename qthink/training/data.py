@@ -34,7 +34,7 @@ from qthink.identity import require_same_base, resolve_ref
 from qthink.recipe import SEED
 from qthink.tasks import load_problems
 from qthink.tasks.base import THINK_CLOSE
-from qthink.teachers.rollouts import MANIFEST, ROLLOUTS, parse_line, read_line, read_rollouts
+from qthink.teachers.rollouts import MANIFEST, ROLLOUTS, read_rollouts, rollout_at
 from qthink.teachers.store import TeacherStore
 from qthink.training.lightning_private import uses_distributed_sampler
 
@@ -53,7 +53,7 @@ def load_rollouts(directory: Path, problems: set[int]) -> dict[int, dict]:
     """problem_index -> its rollouts.jsonl record, for `problems` only (the file is streamed, validated)."""
     _, entries = read_rollouts(directory)
     path = directory / ROLLOUTS
-    return {i: parse_line(path, 0, read_line(path, offset, length)) for i, offset, length in entries if i in problems}
+    return {i: rollout_at(path, offset, length) for i, offset, length in entries if i in problems}
 
 
 def rollout_answer_ids(token_ids: list[int], think_close: int, eos: int | Collection[int],
