@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -221,32 +222,6 @@ def format_table(summaries: list[dict]) -> str:
 # ---- CLI ----
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    """`qthink eval`'s settings (the parameters of `eval_command`)."""
-
-    targets: list[str]
-    task: str
-    task_options: dict
-    split: str
-    data_path: str | None
-    mode: list[str]
-    name: list[str]
-    latent_steps: int | None
-    max_new_tokens: int
-    batch_size: int
-    decode_mode: str
-    limit: int | None
-    grade_unclosed: bool
-    out: str
-    dtype: str
-    device: str | None
-    devices: int
-    threads: int | None
-    no_progress: bool
-    trust_remote_code: bool
-
-
 def eval_command(targets: list[str] | None = None, task: str | None = None, task_options: dict[str, Any] | None = None, split: str = "test",
                  data_path: str | None = None, mode: list[str] | None = None, name: list[str] | None = None,
                  latent_steps: int | None = None, max_new_tokens: int = SEED.max_answer_tokens, batch_size: int = 16,
@@ -281,11 +256,10 @@ def eval_command(targets: list[str] | None = None, task: str | None = None, task
         trust_remote_code: allow custom model code from the repo
     """
     require(task is not None, "--task is required: gsm8k | math500 | tooluse | synthetic")
-    args = EvalSettings(targets or [], task, task_options or {}, split, data_path, mode or [], name or [], latent_steps,
-                        max_new_tokens, batch_size, decode_mode, limit, grade_unclosed, out, dtype, device, devices,
-                        threads, no_progress, trust_remote_code)
+    args = SimpleNamespace(**locals())  # these settings, as `run_targets` reads them
+    args.task_options = task_options or {}
     check_decode_mode(decode_mode)
-    resolved = resolve_targets(args.targets, args.mode, args.name)
+    resolved = resolve_targets(targets or [], mode or [], name or [])
     require_positive({"--batch-size": batch_size, "--max-new-tokens": max_new_tokens, "--threads": threads,
                       "--devices": devices})
     if devices > 1:
@@ -312,10 +286,8 @@ def cli_main(settings: dict) -> None:
     eval_command(**settings)
 
 
-def run_targets(args, targets: list[Target], owned: Output | None) -> None:
+def run_targets(args: SimpleNamespace, targets: list[Target], owned: Output | None) -> None:
     """Evaluate each target; `owned` None: one of the other ranks of `--devices N`, which writes and prints nothing."""
-    from qthink.core.device import pick_device
-
     task = make_task(args.task, args.task_options)
     note = print_note if owned is not None else lambda *_: None  # said once, by rank 0
     records = load_problems(task, args.split, args.data_path, args.limit, note)  # bad data fails before any model loads
