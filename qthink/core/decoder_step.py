@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from qthink.core.compat import cache_kwargs
-
 # RoPE types whose cos/sin at a position do not depend on the other positions of the call (a table is exact)
 STATIC_ROPE = ("default", "linear", "yarn", "llama3")
 
@@ -62,14 +60,15 @@ class LayerStep:
         if live is not None and not self.padded:
             self.padded = not bool(live.all())
 
-    def __call__(self, embeds: Tensor, mask: Tensor, positions: Tensor, cache, capacity: int) -> Tensor:
+    def __call__(self, embeds: Tensor, mask: Tensor, positions: Tensor, cache_kw: dict, capacity: int) -> Tensor:
         """The post-norm hidden state [B, H] of one position per row: `embeds` [B, 1, H] at `positions` [B, 1],
-        attending to the live columns `mask` [B, length] of a state whose mask holds `capacity` columns."""
+        attending to the live columns `mask` [B, length] (`cache_kw`: the decoder's cache keyword) of a state
+        whose mask holds `capacity` columns."""
         if capacity > self.cos.shape[0]:  # the caller grew the mask past the table
             self.rope_table(capacity, embeds)
         attention = mask[:, None, None, :].bool() if self.padded else None
         rope = (self.cos[positions], self.sin[positions])
-        hidden, cache_kw = embeds, cache_kwargs(self.decoder, cache)
+        hidden = embeds
         for layer in self.decoder.layers:
             hidden = layer(hidden, attention_mask=attention, position_ids=positions, position_embeddings=rope, **cache_kw)
         return self.decoder.norm(hidden)[:, -1]

@@ -173,7 +173,7 @@ def _decode_step(decoder: nn.Module, state: LatentState, embeds: Tensor, live: T
     args = (decoder, embeds.unsqueeze(1), mask, state.next_position.unsqueeze(1), cache_kwargs(decoder, state.cache))
     if state.layer_step is not None:
         state.layer_step.note_live(live)
-        hidden = state.layer_step(*args[1:4], state.cache, state.mask.shape[1])
+        hidden = state.layer_step(*args[1:], state.mask.shape[1])
     elif state.decode_mode == "compiled":
         torch.compiler.cudagraph_mark_step_begin()
         # clone: a CUDA graph's output buffer is overwritten by its next replay, and latents are kept
