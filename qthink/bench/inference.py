@@ -19,7 +19,6 @@ at that batch (`latent_pass_ms`, `decode_pass_ms`, `pass_ratio`: see `pass_times
 
 import inspect
 import math
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -130,8 +129,8 @@ def pass_times(qt: QThink, questions: list[str], decode_mode: str = "dynamic", p
     """(ms of one latent pass, ms of one decoding pass) of `qt` on `questions` as one batch, at the same cache
     lengths: three runs of the real loop from the same prefill, timed in turn `repeats` times, `think` with
     K = 0 then `decode` of 1 token (P), `think` with K = `passes` then 1 token (L), and K = 0 then `passes` + 1
-    tokens with no EOS, so every row decodes them all (D). A latent pass is the median of (L - P) / passes
-    (head + one decoder step), a decoding pass of (D - P) / passes (LM head, argmax, bookkeeping, embedding +
+    tokens with no EOS, so every row decodes them all (D). Each of P, L, D is its fastest run; a latent
+    pass is (L - P) / passes (head + one decoder step), a decoding pass (D - P) / passes (LM head, argmax, bookkeeping, embedding +
     one decoder step); the capacity (prompt + passes + 1) is the same in all three."""
     tok = qt.tokenizer
     qt.check_request([len(p) for p in encode_prompts(tok, questions)], passes, 1)
@@ -148,12 +147,14 @@ def pass_times(qt: QThink, questions: list[str], decode_mode: str = "dynamic", p
     shapes = ((0, 1), (passes, 1), (0, passes + 1))
     for shape in shapes:  # warm-up (and, for `compiled`, compilation)
         run(*shape)
-    latent, decoding = [], []
-    for _ in range(max(1, repeats)):
-        prefill, latents, tokens = (run(*shape) for shape in shapes)
-        latent.append((latents - prefill) / passes)
-        decoding.append((tokens - prefill) / passes)
-    return 1000 * statistics.median(latent), 1000 * statistics.median(decoding)
+    times: list[list[float]] = [[], [], []]
+    for _ in range(max(1, repeats)):  # interleaved, so a slow spell of the machine touches all three
+        for i, shape in enumerate(shapes):
+            times[i].append(run(*shape))
+    # each run's fastest time, as timeit advises: interference only adds time, and a difference of medians of
+    # single runs moved the ratio by tenths on a shared machine (docs/findings.md, F26)
+    prefill, latents, tokens = (min(t) for t in times)
+    return 1000 * (latents - prefill) / passes, 1000 * (tokens - prefill) / passes
 
 
 
@@ -205,7 +206,7 @@ def bench_inference(qt: QThink, questions: list[str], batch_sizes: list[int], la
         elif system in ("qthink", "nocache") and reference is not None:
             row["identical_to_seed"] = tokens == reference
         if system == "qthink" and qt.head is not None:
-            latent_ms, decode_ms = pass_times(qt, questions[:b], mode, repeats=repeats)
+            latent_ms, decode_ms = pass_times(qt, questions[:b], mode, repeats=max(5, repeats))
             row.update(latent_pass_ms=latent_ms, decode_pass_ms=decode_ms, pass_ratio=latent_ms / decode_ms)
         rows.append(row)
     seed_seconds = next((r["seconds"] for r in rows if r["system"] == "seed"), None)
