@@ -17,7 +17,8 @@ from qthink.tasks.synthetic import parse_steps
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of every stage (the defaults fit in 15 minutes on 2 CPU cores); `--quick` shrinks them."""
+    """Sizes of every stage (the defaults take 31-37 minutes on 2 CPU cores, docs/findings.md F19, F27); `--quick`
+    shrinks them."""
 
     base_steps: int = 400  # supervised steps teaching the tiny base to think (100% with thinking at 400)
     base_problems: int = 20000  # synthetic training chains for that stage (fresh ones: no memorising)
