@@ -151,8 +151,8 @@ def pass_times(qt: QThink, questions: list[str], decode_mode: str = "dynamic", p
     for _ in range(max(1, repeats)):  # interleaved, so a slow spell of the machine touches all three
         for i, shape in enumerate(shapes):
             times[i].append(run(*shape))
-    # each run's fastest time, as timeit advises: interference only adds time, and a difference of medians of
-    # single runs moved the ratio by tenths on a shared machine (docs/findings.md, F26)
+    # each run's fastest time, as timeit advises (interference only adds time); single measurements still spread
+    # 0.9-1.5x on this project's virtual machine, so compare several runs (docs/findings.md, F26)
     prefill, latents, tokens = (min(t) for t in times)
     return 1000 * (latents - prefill) / passes, 1000 * (tokens - prefill) / passes
 
