@@ -130,8 +130,8 @@ def pass_times(qt: QThink, questions: list[str], decode_mode: str = "dynamic", p
     lengths: three runs of the real loop from the same prefill, timed in turn `repeats` times, `think` with
     K = 0 then `decode` of 1 token (P), `think` with K = `passes` then 1 token (L), and K = 0 then `passes` + 1
     tokens with no EOS, so every row decodes them all (D). Each of P, L, D is its fastest run; a latent
-    pass is (L - P) / passes (head + one decoder step), a decoding pass (D - P) / passes (LM head, argmax, bookkeeping, embedding +
-    one decoder step); the capacity (prompt + passes + 1) is the same in all three."""
+    pass is (L - P) / passes (head + one decoder step), a decoding pass (D - P) / passes (LM head, argmax,
+    bookkeeping, embedding + one decoder step); the capacity (prompt + passes + 1) is the same in all three."""
     tok = qt.tokenizer
     qt.check_request([len(p) for p in encode_prompts(tok, questions)], passes, 1)
     batch = left_pad(encode_prompts(tok, questions), tok.pad_token_id, qt.device)
