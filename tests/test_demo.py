@@ -136,3 +136,29 @@ def test_demo_fits_stop_early_at_100_percent_or_a_plateau_on_validation(tmp_path
         # EarlyStopping stops when the score is strictly above the threshold: 100% on 64 problems must be, 63/64 not
         assert 63 / 64 < early[0]["stopping_threshold"] < 1.0
     assert any(c["class_path"].endswith("ModelCheckpoint") for c in callbacks)  # appended, not replacing the config's
+
+
+def test_study_fits_positions_by_k_around_the_longest_chain_and_reports_them(quick_run):
+    """`qthink demo --study` on a finished demo: linspace and steps at K below, equal to and above the longest
+    chain, each fit with the study's own budget and early stopping; SFT and the adaptive rows from the demo."""
+    import yaml
+
+    from qthink.demo.stages import QUICK
+    from qthink.demo.study import STUDY_PATIENCE, cells, run_study, study_ks
+
+    workdir, _ = quick_run
+    assert study_ks(QUICK) == (2, 4, 6)  # chains of 2-4 steps; the seed's K=6 is the one above
+    report = run_study(workdir, settings=QUICK, fit_steps=12, seeds=(0,)).read_text()
+    table = [line for line in report.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| Teacher positions, latent steps | Exact match") and "| 4 steps |" in table[0]
+    labels = [row.split("|")[1].strip() for row in table[2:]]
+    assert labels == ["linspace, K=2", "linspace, K=4", "linspace, K=6 (the seed's)", "steps, K=2", "steps, K=4",
+                      "steps, K=6", "SFT (no latents)", "steps, adaptive (K ≤ 4)"]
+    assert (workdir / "study.png").stat().st_size > 10_000
+    for scheme, K, seed in cells(QUICK, (0,)):
+        name = f"study-{scheme}-k{K}-n{QUICK.train_problems}-seed{seed}"
+        config = yaml.safe_load((workdir / "fit" / name / "tensorboard" / "config.yaml").read_text())
+        assert (config["trainer"]["max_steps"], config["model"]["latent_steps"]) == (12, K)
+        early = [c["init_args"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EarlyStopping")]
+        assert [e["patience"] for e in early] == [STUDY_PATIENCE]
+        assert json.loads((workdir / "eval" / name / "summary.json").read_text())["K"] == K

@@ -2,7 +2,7 @@
 
     qthink demo [--workdir runs/demo] [--quick] [--seed S] [--force] [--workers 2] [--chain-steps 2-4]
                 [--fit-steps 1500] [--patience 0] [--systems sft,qthink,...|all] [--ablation-seeds 0,1,2]
-    qthink demo --study          # then the positions x K x problems study (`qthink.demo.study`)
+    qthink demo --study          # then teacher positions x K at convergence (`qthink.demo.study`)
 
 Stages (each resumable: a finished stage is recorded in `<workdir>/stages.json` and skipped on rerun;
 `--force` redoes everything; `qthink.demo.stages`):
@@ -145,7 +145,8 @@ def demo_command(workdir: str = "runs/demo", quick: bool = False, seed: Seed = 0
             base rows always run
         workers: processes for independent stages (default: 2, or 1 on a one-core machine)
         ablation_seeds: comma-separated seeds: refit the chosen students (--systems) per seed, report mean and spread
-        study: after the demo, the positions x K x problems study (qthink.demo.study; hours at the default budget)
+        study: after the demo, teacher positions x K at convergence, 3 seeds on the headline cells (qthink.demo.study;
+            hours: fits of up to 3,000 steps)
     """
     # a YAML file may give `chain_steps: 6` or `ablation_seeds: 3` as a number
     chain_steps, ablation_seeds = (None if v is None else str(v) for v in (chain_steps, ablation_seeds))
