@@ -12,7 +12,13 @@ import importlib
 import sys
 
 from qthink.errors import UserError
-from qthink.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_as_interrupt
+from qthink.signals import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    Terminated,
+    sigint_recorded,
+    sigterm_as_interrupt,
+)
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qthink: error: unknown command {name!r}; known: {', '.join([*LIGHTNING, *COMMANDS])}", file=sys.stderr)
         return 2
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), sigint_recorded():
             from qthink.parallel import quiet_libraries
 
             quiet_libraries()

@@ -1,7 +1,9 @@
 """SIGTERM handled like Ctrl-C: raised as an exception where Ctrl-C raises `KeyboardInterrupt`, so every cleanup
 that runs for Ctrl-C (temporary files removed, manifests marked stopped, Lightning's graceful shutdown) runs for
 it too, and the command exits with status 143 (128 + 15, what a shell reports for a process SIGTERM killed)
-instead of 0 or a death without cleanup."""
+instead of 0 or a death without cleanup. Ctrl-C is also recorded, so that one a library swallowed (Python raises
+it wherever the main thread is, a finaliser included, where it is printed and dropped) can be raised again at
+the next safe point (`interrupt_pending`)."""
 
 import signal
 import threading
@@ -34,3 +36,33 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+_interrupted = threading.Event()  # set by the first Ctrl-C inside `sigint_recorded`
+
+
+def raise_interrupt(signum: int, frame) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def interrupt_pending() -> bool:
+    """Ctrl-C arrived (inside `sigint_recorded`). A loop that is still running after it lost the
+    `KeyboardInterrupt` and should raise one."""
+    return _interrupted.is_set()
+
+
+@contextmanager
+def sigint_recorded() -> Iterator[None]:
+    """Ctrl-C raises `KeyboardInterrupt` as usual and is recorded for `interrupt_pending`. Only where Ctrl-C
+    has Python's default handler: a process started with SIGINT ignored (a `&` job of a script) keeps it so."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    _interrupted.clear()
+    previous = signal.signal(signal.SIGINT, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

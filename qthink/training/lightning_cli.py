@@ -34,7 +34,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf.errors import OmegaConfBaseException
@@ -44,7 +44,7 @@ from qthink.core.model import linear_layer_names
 from qthink.errors import UserError, require
 from qthink.files import writable_dir
 from qthink.ownership import claim
-from qthink.signals import Terminated
+from qthink.signals import Terminated, interrupt_pending
 from qthink.training.checkpoints import AtomicCheckpointIO, StopCheckpoint, check_settings, read_checkpoint
 from qthink.training.data import TeacherDataModule
 from qthink.training.lightning_private import CLIHooks
@@ -66,6 +66,15 @@ def store_K_of(latent_steps: int, distill: str, adaptive: bool = False) -> int |
     """The K the teacher store must have: the model's when it distils or reads the store's step counts
     (adaptive), unchecked otherwise (SFT, K=0)."""
     return None if distill == "none" and not adaptive else latent_steps
+
+
+class RaiseLostInterrupt(Callback):
+    """Ctrl-C stops the fit even when its `KeyboardInterrupt` was swallowed (raised inside a finaliser, which
+    Python prints and drops): at the end of the step, the recorded Ctrl-C is raised again."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if interrupt_pending():
+            raise KeyboardInterrupt
 
 
 class QThinkCLI(CLIHooks):
@@ -191,6 +200,7 @@ class QThinkCLI(CLIHooks):
             plugins.append(AtomicCheckpointIO(getattr(self.model, "base_model", None)))
         trainer = super().instantiate_trainer(**{**kwargs, "plugins": plugins})
         trainer.callbacks.insert(0, StopCheckpoint())  # before the ModelCheckpoints, whose on_exception it enables
+        trainer.callbacks.append(RaiseLostInterrupt())
         return trainer
 
     def run_subcommand(self, subcommand: str, run) -> None:
