@@ -339,3 +339,29 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_weights(tiny_base, teacher
     a, b = ranks[0]["weights"], ranks[1]["weights"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.endswith("lora_B.default.weight") and a[k].abs().sum() > 0 for k in a)
+
+
+def test_init_from_starts_a_new_fit_from_a_checkpoints_weights_only(tiny_base, teacher_store, tmp_path, capsys):
+    """`model.init_from`: the adapters and head of a finished fit start another one (a curriculum stage), with
+    step, optimizer and schedule anew; another LoRA shape is one line naming the setting."""
+    from qthink.errors import UserError
+    from qthink.training.module import QThinkModule
+
+    first = tmp_path / "first"
+    assert main(["fit", *tiny_args(tiny_base, teacher_store, first, "--trainer.max_steps", "2")]) == 0
+    ckpt = first / "checkpoints" / "last.ckpt"
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    started = QThinkModule(str(tiny_base), init_from=str(ckpt))
+    started.configure_model()
+    fresh = QThinkModule(str(tiny_base))
+    fresh.configure_model()
+    params, fresh_params = dict(started.named_parameters()), dict(fresh.named_parameters())
+    assert set(trained) == started.trainable_names()
+    assert all(torch.equal(params[k], v) for k, v in trained.items())
+    assert not all(torch.equal(fresh_params[k], v) for k, v in trained.items())  # trained weights differ from init
+    second = tmp_path / "second"
+    assert main(["fit", *tiny_args(tiny_base, teacher_store, second, "--trainer.max_steps", "1",
+                                   "--model.init_from", str(ckpt))]) == 0
+    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1  # a new run
+    with pytest.raises(UserError, match="model.init_from .* LoRA"):
+        QThinkModule(str(tiny_base), lora={"r": 8}, init_from=str(ckpt)).configure_model()

@@ -19,6 +19,7 @@ relies on.
 import math
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -44,6 +45,7 @@ from qthink.errors import UserError, require
 from qthink.measure import train_flops
 from qthink.recipe import SEED, Distill, Teacher  # every default below is the seed's recipe
 from qthink.scoring import Decoding
+from qthink.training.checkpoints import start_weights
 from qthink.training.run_logging import training_callbacks
 
 
@@ -164,6 +166,9 @@ class QThinkModule(L.LightningModule):
         val_task: Task whose grader scores validation; None: the datamodule's task.
         val_log_samples: Decoded validation answers written to TensorBoard as text per validation run.
         trust_remote_code: Allow custom model code from the base model's repo.
+        init_from: A `qthink fit` checkpoint (.ckpt) on the same base and LoRA shape whose adapters and heads this
+            fit starts from (a curriculum stage: e.g. fewer latent steps after a student with one per reasoning
+            step); only the weights: the step, optimizer and schedule start anew (`--ckpt_path` resumes a run).
     """
 
     def __init__(
@@ -186,8 +191,11 @@ class QThinkModule(L.LightningModule):
         val_task: str | None = None,
         val_log_samples: ranges.Count = 4,
         trust_remote_code: bool = False,
+        init_from: str | None = None,
     ):
         super().__init__()
+        require(init_from is None or Path(init_from).is_file(),
+                f"model.init_from {init_from} does not exist; give a .ckpt written by `qthink fit`")
         lora_args = LoraArgs(**lora) if isinstance(lora, dict) else lora
         lora = asdict(lora_args)  # hparams hold plain types (checkpoints load with weights_only=True)
         require(distill == "none" or latent_steps > 0,
@@ -201,7 +209,7 @@ class QThinkModule(L.LightningModule):
         self.adaptive, self.halt_weight = adaptive, halt_weight
         self.lr, self.weight_decay, self.min_lr_ratio = lr, weight_decay, min_lr_ratio
         self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
-        self.seed, self.trust_remote_code = seed, trust_remote_code
+        self.seed, self.trust_remote_code, self.init_from = seed, trust_remote_code, init_from
         self.val_max_new_tokens, self.val_task, self.val_log_samples = val_max_new_tokens, val_task, val_log_samples
         self.model: nn.Module | None = None
         self.head: ProjectionHead | None = None
@@ -234,6 +242,9 @@ class QThinkModule(L.LightningModule):
             halting = HaltingHead(model.config.hidden_size) if self.adaptive else None
         head.requires_grad_(self.latent_steps > 0)  # K = 0 never calls the head: DDP must not wait for its grads
         self.model, self.head, self.halting_head, self.tokenizer = model, head, halting, tokenizer
+        if self.init_from is not None:
+            self.load_state_dict(start_weights(self.init_from, self.base_model, asdict(self.lora), self.trainable_names()),
+                                 strict=False)
 
     def trainable_names(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}
