@@ -52,14 +52,14 @@ def start_weights(ckpt_path: str | Path, base: str, lora: dict, trainable: set[s
     """The trained weights of a `qthink fit` checkpoint that a new fit starts from (`model.init_from`): checked to
     be trained on the same base (by fingerprint) with the same LoRA settings; those this model lacks (a halting
     head, for a fixed-K student) are left out, and those it has but the checkpoint lacks start fresh."""
-    ckpt = read_checkpoint(ckpt_path)
-    check_base(ckpt_path, ckpt, base)
-    def plain(settings):  # a tuple saved may read back as a list
+    def plain(settings: dict | None) -> dict:  # a tuple saved may read back as a list
         return {k: list(v) if isinstance(v, tuple | list) else v for k, v in (settings or {}).items()}
 
+    ckpt = read_checkpoint(ckpt_path)
+    check_base(ckpt_path, ckpt, base)
     trained = trained_hparams(ckpt).get("lora")
-    require(plain(trained) == plain(lora), f"model.init_from {ckpt_path} was trained with LoRA {trained} but this config has {lora}; "
-            "use the same model.lora")
+    require(plain(trained) == plain(lora), f"model.init_from {ckpt_path} was trained with LoRA {trained} but this "
+            f"config has {lora}; use the same model.lora")
     return {k: v for k, v in ckpt["state_dict"].items() if k in trainable}
 
 
