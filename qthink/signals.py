@@ -26,16 +26,23 @@ def raise_terminated(signum: int, frame) -> None:
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises `Terminated` inside this block (main thread only: Python delivers signals there)."""
-    if threading.current_thread() is not threading.main_thread():
+def handler_installed(signum: int, handler, only_over=None) -> Iterator[None]:
+    """`handler` for `signum` inside this block, the previous one restored after it. Main thread only (Python
+    delivers signals there); with `only_over`, only where that is the handler in place."""
+    if threading.current_thread() is not threading.main_thread() or (
+            only_over is not None and signal.getsignal(signum) is not only_over):
         yield
         return
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous = signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
+
+
+def sigterm_as_interrupt():
+    """SIGTERM raises `Terminated` inside this block."""
+    return handler_installed(signal.SIGTERM, raise_terminated)
 
 
 _interrupted = threading.Event()  # set by the first Ctrl-C inside `sigint_recorded`
@@ -52,17 +59,8 @@ def interrupt_pending() -> bool:
     return _interrupted.is_set()
 
 
-@contextmanager
-def sigint_recorded() -> Iterator[None]:
+def sigint_recorded():
     """Ctrl-C raises `KeyboardInterrupt` as usual and is recorded for `interrupt_pending`. Only where Ctrl-C
     has Python's default handler: a process started with SIGINT ignored (a `&` job of a script) keeps it so."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
     _interrupted.clear()
-    previous = signal.signal(signal.SIGINT, raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    return handler_installed(signal.SIGINT, raise_interrupt, only_over=signal.default_int_handler)

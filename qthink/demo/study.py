@@ -32,6 +32,7 @@ SCHEMES = ("linspace", "steps")
 STUDY_FIT_STEPS = 3000  # every row of the 2-4-step grid had converged or plateaued by 3,000 (F28)
 STUDY_PATIENCE = 4  # validation checks (every 250 steps) without a gain before a fit stops
 HEADLINE_SEEDS = (0, 1, 2)
+DEMO_FIT = {"sft": "sft", "linspace": "qthink", "steps": "qthink-steps", "steps-adaptive": "qthink-adaptive"}
 
 
 def study_ks(s: DemoSettings) -> tuple[int, ...]:
@@ -91,8 +92,6 @@ def seed_ablation(workdir: Path, s: DemoSettings, stages: Stages, seeds: list[in
                            "Mean ± std (range)"], rows)
 
 
-DEMO_FIT = {"sft": "sft", "linspace": "qthink", "steps": "qthink-steps", "steps-adaptive": "qthink-adaptive"}
-
 
 def read_cell(workdir: Path, name: str) -> dict:
     """A fitted and evaluated cell from its files: exact match, per chain length, the validation curve."""
@@ -110,8 +109,8 @@ def collect(workdir: Path, stages: Stages, s: DemoSettings, seeds: tuple[int, ..
     for scheme, K, seed in cells(s, seeds):
         found.setdefault((scheme, K), []).append(read_cell(workdir, cell_name(scheme, K, s.train_problems, seed)))
     for scheme, K in (("sft", 0), ("steps-adaptive", s.steps_K)):
-        names = [DEMO_FIT[scheme]] + [ablation_name(scheme, K, s.train_problems, seed) for seed in seeds
-                                      if ablation_name(scheme, K, s.train_problems, seed) in stages.done]
+        refits = [ablation_name(scheme, K, s.train_problems, seed) for seed in seeds]
+        names = [DEMO_FIT[scheme]] + [name for name in refits if name in stages.done]
         found[(scheme, K)] = [read_cell(workdir, name) for name in names]
     return found
 
