@@ -1,7 +1,5 @@
 """`python -m qthink` is the `qthink` command."""
 
-import sys
+from qthink.cli import run
 
-from qthink.cli import main
-
-sys.exit(main())
+run()

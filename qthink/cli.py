@@ -9,6 +9,7 @@ SIGTERM, handled the same way (`qthink.signals`), 143.
 """
 
 import importlib
+import os
 import sys
 
 from qthink.errors import UserError
@@ -16,6 +17,7 @@ from qthink.signals import (
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
     Terminated,
+    exit_within,
     sigint_recorded,
     sigterm_as_interrupt,
 )
@@ -89,5 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def run() -> None:
+    """The `qthink` command: `main`, then exit with its status, within `EXIT_GRACE_S` after Ctrl-C or SIGTERM."""
+    try:
+        code = main()
+    except BrokenPipeError:  # `qthink ... | head` closed the pipe: end quietly, as other commands do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        sys.exit(1)
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        exit_within(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
