@@ -150,3 +150,14 @@ def test_fit_refuses_a_teacher_store_stopped_part_way(tiny_base, teacher_store, 
     assert main(["teachers", "--base", str(tiny_base), "--rollouts", str(teacher_store.parent / "rollouts"), "--out",
                  str(store), "--shard-size", "3", "--model-dtype", "float32", "--device", "cpu"]) == 0
     assert json.loads((store / "manifest.json").read_text())["complete"] is True
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`qthink --help | head -0`: the reader is gone before the command writes. Exit status 1 and no traceback
+    (without `cli.run`'s handling: a BrokenPipeError traceback)."""
+    reader, writer = os.pipe()
+    os.close(reader)  # the write then fails at once with EPIPE (Python ignores SIGPIPE)
+    done = subprocess.run([sys.executable, "-m", "qthink", "--help"], stdout=writer, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    os.close(writer)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
