@@ -221,6 +221,30 @@ def test_user_mistakes_are_one_line_errors(tiny_base, teacher_store, store_facto
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 
+def ctrl_c_fit(tmp_path: Path, args: list[str], ready: Path, sends: int = 1, wait_s: float = 90) -> tuple[int | None, str]:
+    """`qthink fit ARGS` in a subprocess (modules in `tmp_path` importable, for callbacks), Ctrl-C once `ready`
+    exists, sent again up to `sends` times in all, `wait_s` apart, until it exits (killed after the last): its exit
+    status (None if killed) and its stderr."""
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    code = None
+    with open(tmp_path / "stderr.txt", "w") as err:  # a file, not a pipe: a full pipe would stall the run
+        run = subprocess.Popen([sys.executable, "-m", "qthink", "fit", *args], stdout=subprocess.DEVNULL, stderr=err,
+                               env=env)
+        deadline = time.monotonic() + 240
+        while not ready.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for _ in range(sends):
+            run.send_signal(signal.SIGINT)
+            try:
+                code = run.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            run.kill()
+    return code, (tmp_path / "stderr.txt").read_text()
+
+
 def test_ctrl_c_during_fit_exits_130_and_leaves_a_run_that_resumes(tiny_base, teacher_store, tmp_path):
     """SIGINT once training runs (its first checkpoint is on disk, one is saved every step): Lightning's
     graceful shutdown, then exit status 130 like every other subcommand; every checkpoint left is whole
@@ -229,27 +253,12 @@ def test_ctrl_c_during_fit_exits_130_and_leaves_a_run_that_resumes(tiny_base, te
     args = tiny_args(tiny_base, teacher_store, root, "--trainer.val_check_interval", "100000",
                      "--trainer.callbacks.every_n_train_steps", "1")
     last = root / "checkpoints" / "last.ckpt"
-    with open(tmp_path / "stderr.txt", "w") as err:  # a file, not a pipe: a full pipe would stall the run
-        run = subprocess.Popen([sys.executable, "-m", "qthink", "fit", *args, "--trainer.max_steps", "100000"],
-                               stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.monotonic() + 240
-        while not last.exists() and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        # Ctrl-C again if the process has not ended: in two loaded full suites the first one was handled (graceful
-        # shutdown ran, "qthink: interrupted" printed, so `main` returned 130) and the interpreter then did not
-        # exit within 120 s; where it waited was not found (17 direct tries under load exited at once).
-        # `exit_within` now cuts such a wait short after EXIT_GRACE_S (tested below); a resend stays for a wait
-        # it cannot cut (one in the interpreter's finalisation)
-        for _ in range(3):
-            run.send_signal(signal.SIGINT)
-            try:
-                code = run.wait(timeout=60)
-                break
-            except subprocess.TimeoutExpired:
-                code = None
-        else:
-            run.kill()
-    stderr = (tmp_path / "stderr.txt").read_text()
+    # Ctrl-C again if the process has not ended: in two loaded full suites the first one was handled (graceful
+    # shutdown ran, "qthink: interrupted" printed, so `main` returned 130) and the interpreter then did not
+    # exit within 120 s; where it waited was not found (17 direct tries under load exited at once).
+    # `exit_within` now cuts such a wait short after EXIT_GRACE_S (tested below); a resend stays for a wait
+    # it cannot cut (one in the interpreter's finalisation)
+    code, stderr = ctrl_c_fit(tmp_path, [*args, "--trainer.max_steps", "100000"], last, sends=3, wait_s=60)
     assert code == 130, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "qthink: interrupted" and "Traceback" not in stderr
     assert "GPU available" in stderr and "💡 Tip" not in stderr  # Lightning's advertisement filtered, its info kept
@@ -288,23 +297,10 @@ def test_ctrl_c_that_something_swallowed_still_stops_the_fit_at_the_end_of_the_s
     """One Ctrl-C whose KeyboardInterrupt never reaches Lightning (swallowed mid-step): the recorded interrupt is
     raised again at the step's end, so the fit stops with Lightning's graceful shutdown and exit status 130."""
     (tmp_path / "swallow.py").write_text(SWALLOW)
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     args = tiny_args(tiny_base, teacher_store, tmp_path / "run", "--trainer.max_steps", "100000",
                      "--trainer.val_check_interval", "100000", "--trainer.callbacks+=swallow.SwallowCtrlC",
                      "--trainer.callbacks.out", str(tmp_path))
-    with open(tmp_path / "stderr.txt", "w") as err:
-        run = subprocess.Popen([sys.executable, "-m", "qthink", "fit", *args], stdout=subprocess.DEVNULL, stderr=err,
-                               env=env)
-        deadline = time.monotonic() + 240
-        while not (tmp_path / "waiting").exists() and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        run.send_signal(signal.SIGINT)
-        try:
-            code = run.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            code = None
-    stderr = (tmp_path / "stderr.txt").read_text()
+    code, stderr = ctrl_c_fit(tmp_path, args, tmp_path / "waiting", wait_s=90)
     assert (tmp_path / "swallowed").exists(), stderr[-3000:]
     assert code == 130, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "qthink: interrupted" and "Traceback" not in stderr
@@ -330,23 +326,10 @@ def test_ctrl_c_ends_the_process_even_when_its_shutdown_would_wait_forever(tiny_
     the interpreter from exiting (as once seen in a loaded suite); the process still ends with status 130, within
     EXIT_GRACE_S of it. Without `exit_within` it never ends."""
     (tmp_path / "stuck.py").write_text(STUCK)
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     root = tmp_path / "run"
     args = tiny_args(tiny_base, teacher_store, root, "--trainer.max_steps", "100000", "--trainer.val_check_interval",
                      "100000", "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks+=stuck.StuckShutdown")
-    with open(tmp_path / "stderr.txt", "w") as err:
-        run = subprocess.Popen([sys.executable, "-m", "qthink", "fit", *args], stdout=subprocess.DEVNULL, stderr=err,
-                               env=env)
-        deadline = time.monotonic() + 240
-        while not (root / "checkpoints" / "last.ckpt").exists() and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        run.send_signal(signal.SIGINT)
-        try:
-            code = run.wait(timeout=EXIT_GRACE_S + 90)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            code = None
-    stderr = (tmp_path / "stderr.txt").read_text()
+    code, stderr = ctrl_c_fit(tmp_path, args, root / "checkpoints" / "last.ckpt", wait_s=EXIT_GRACE_S + 90)
     assert code == 130, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "qthink: interrupted" and "Traceback" not in stderr
 

@@ -92,7 +92,6 @@ def seed_ablation(workdir: Path, s: DemoSettings, stages: Stages, seeds: list[in
                            "Mean ± std (range)"], rows)
 
 
-
 def read_cell(workdir: Path, name: str) -> dict:
     """A fitted and evaluated cell from its files: exact match, per chain length, the validation curve."""
     summary = json.loads((workdir / "eval" / name / "summary.json").read_text())
